@@ -19,7 +19,7 @@ test: $(VENV)/.test-stack
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
 
 bench: $(VENV)/.test-stack
-	$(BIN)/python benchmarks/bench_rollout.py
+	$(BIN)/python benchmarks/bench_step.py --trl
 
 $(VENV)/.stack: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -28,6 +28,7 @@ import os
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: weight sync
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve the trainer
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs every weight reload otherwise
 
 import argparse
 import copy
@@ -63,7 +64,7 @@ class Config:
     data_path: str = field(default="", metadata={"help": "local .jsonl/.json/.parquet file instead of the hub dataset"})
     output_dir: str = field(default="runs/grpo", metadata={"help": "metrics.jsonl, curves.png and checkpoints go here"})
     seed: int = field(default=0, metadata={"help": "random seed (prompts, sampling, init)"})
-    max_steps: int = field(default=150, metadata={"help": "training steps (one rollout batch each)"})
+    max_steps: int = field(default=100, metadata={"help": "training steps (one rollout batch each)"})
     # rollout
     rollout: str = field(default="vllm", metadata={"help": "vllm | hf (model.generate: slower, no vLLM needed; the default where vLLM is missing)"})
     prompts_per_step: int = field(default=16, metadata={"help": "questions per step"})
@@ -85,7 +86,7 @@ class Config:
     beta: float = field(default=0.04, metadata={"help": "k3 KL penalty weight; 0 = no reference model at all"})
     num_iterations: int = field(default=1, metadata={"help": "optimizer steps per rollout batch (mu); >1 uses old log-probs"})
     tis: float = field(default=0.0, metadata={"help": "truncated importance sampling cap C for trainer/rollout mismatch (0 = off)"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation)"})
@@ -96,7 +97,7 @@ class Config:
     vllm_sleep: bool = field(default=False, metadata={"help": "free vLLM's GPU memory while training (one card holds both)"})
     sync_check: bool = field(default=True, metadata={"help": "after each weight sync, check the engine's log-probs against the trainer's"})
     # eval, logging, checkpoints
-    eval_every: int = field(default=50, metadata={"help": "held-out greedy accuracy every N steps"})
+    eval_every: int = field(default=20, metadata={"help": "held-out greedy accuracy every N steps"})
     eval_size: int = field(default=400, metadata={"help": "held-out questions to evaluate"})
     pass_k: int = field(default=0, metadata={"help": "also report pass@k by sampling k answers (0 = off)"})
     think_budget: int = field(default=-1, metadata={"help": "eval: cut <think> after N tokens, then let the model answer (-1 = off)"})
@@ -162,6 +163,8 @@ def parse_config(argv=None) -> Config:
 def load_model(name: str, cfg: Config):
     """Policy (trainable) and tokenizer. The weights stay fp32; bf16 is autocast (GPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one progress bar per run: ours
     local = os.path.isdir(name)
     if not local and (name.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"):
         sys.exit(f"error: model path {name!r} does not exist; pass --model with a local folder (or a hub id, online)")
@@ -194,7 +197,7 @@ def start_vllm(cfg: Config, model_path: str, seed: int):
     from vllm import LLM
     gpu = torch.cuda.is_available()
     return LLM(model=model_path, seed=seed, dtype="bfloat16" if gpu else "float32",
-               max_model_len=min(4096, 512 + cfg.max_new_tokens) if gpu else 256,
+               max_model_len=4096 if gpu else None,  # None: the model's own limit
                logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
                enable_prefix_caching=True, enable_sleep_mode=gpu and cfg.vllm_sleep,
                **({"gpu_memory_utilization": cfg.gpu_memory_utilization} if gpu else
@@ -227,8 +230,9 @@ def generate_hf(model, prompts, n, temperature, max_tokens, eos_id, seed, batch_
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_tokens,
-                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                             top_k=0, top_p=1.0, eos_token_id=eos_id, pad_token_id=eos_id,
+                             **(dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0
+                                else dict(do_sample=False)),  # top_k=0: sample from the full softmax, as vLLM
+                             eos_token_id=eos_id, pad_token_id=eos_id,
                              output_scores=True, return_dict_in_generate=True)
         new_tokens = out.sequences[:, width:]  # [B, T_new]
         logprobs = torch.stack(out.scores, 1).float().log_softmax(-1)  # [B, T_new, V] (after temperature)
@@ -687,6 +691,7 @@ def main(cfg: Config):
     acc_after = next((r["eval_acc"] for r in reversed(final) if "eval_acc" in r), state["acc_before"])
     print(f"curves: {os.path.join(cfg.output_dir, 'curves.png')}")
     print(f"final: acc_before={state['acc_before']:.3f} acc_after={acc_after:.3f}")
+    return dict(model=model, tokenizer=tokenizer, engine=engine, acc_before=state["acc_before"], acc_after=acc_after)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 buggy variant fails it. The end-to-end items (vLLM log-probs, weight sync, same seed) live in
 test_e2e.py because they need the shipped model."""
 import copy
+import math
 
 import pytest
 import torch
@@ -139,3 +140,17 @@ def test_loss_near_zero_but_gradient_not():
                          samples, adv, make_cfg(loss_agg="token-mean"), pad_id=0)
     assert abs(m["loss"]) < 0.5 * m["grad_norm"]  # |loss| = |mean(-A)| is small; the gradient is not
     assert m["grad_norm"] > 1e-3
+
+
+# ---- 5. truncated importance sampling on a synthetic sampler/trainer gap -------------------------
+@pytest.mark.parametrize("gap,cap,scale", [(1.0, 2.0, 2.0), (0.5, 2.0, math.exp(0.5)), (-0.5, 2.0, math.exp(-0.5))])
+def test_tis_weights_tokens_by_capped_ratio(gap, cap, scale):
+    """The sampler gave each token log-prob (trainer's - gap): weight = min(exp(gap), cap)."""
+    model = random_model()
+    samples = random_samples(n_groups=2, group_size=4)
+    for s, lp in zip(samples, G.response_logprobs(model, samples, 1.0)):
+        s["rollout_logprobs"] = [x - gap for x in lp]
+    adv = G.group_advantages(torch.tensor([s["reward"] for s in samples]), 4)
+    plain = grads_after(model, samples, adv, make_cfg())
+    tis = grads_after(model, samples, adv, make_cfg(tis=cap))
+    assert torch.allclose(tis, plain * scale, atol=1e-6, rtol=1e-4)
