@@ -28,7 +28,7 @@ import os
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: weight sync
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve the trainer
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs every weight reload otherwise
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM logs every weight reload otherwise
 
 import argparse
 import copy
@@ -547,8 +547,12 @@ def plot_metrics(jsonl_path: str, png_path: str, keys: list[str]):
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(jsonl_path)]
     keys = [k for k in keys if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
-    for ax, k in zip(axes, keys):
+    cols = min(4, len(keys))
+    rows_n = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, k in zip(axes.flat, keys):
         pts = [(r["step"], r[k]) for r in rows if k in r]
         ax.plot(*zip(*pts), marker="o" if len(pts) < 20 else None, ms=3)
         ax.set_title(k, fontsize=9)
@@ -627,8 +631,10 @@ def main(cfg: Config):
         open(metrics_path, "w").writelines(rows)  # drop what was logged after the checkpoint
         print(f"resumed from {resume_from} at step {start_step}")
     else:
-        open(metrics_path, "w").close()
-        state["acc_before"] = evaluate(engine, model, tokenizer, eval_examples, eval_prompts, cfg, eos_id)["eval_acc"]
+        before = evaluate(engine, model, tokenizer, eval_examples, eval_prompts, cfg, eos_id)
+        state["acc_before"] = before["eval_acc"]
+        with open(metrics_path, "w") as f:  # step 0: the model as it came
+            f.write(json.dumps({"step": 0, **before}) + "\n")
         print(f"held-out greedy accuracy before training: {state['acc_before']:.3f}")
     log = open(metrics_path, "a")
     wandb = None

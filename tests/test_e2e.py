@@ -29,11 +29,11 @@ def without_times(rows):
 
 def test_hf_rollout_run_end_to_end(tmp_path, capsys):
     out, rows = run(tmp_path, "--rollout", "hf")
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the accuracy before training
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("final: acc_before=")
     assert os.path.exists(tmp_path / "run" / "curves.png")
     assert open(tmp_path / "run" / "latest").read() == "checkpoint-2"
-    assert rows[0]["logprob_gap_max"] < 1e-3  # generate()'s own scores agree with the trainer
+    assert rows[1]["logprob_gap_max"] < 1e-3  # generate()'s own scores agree with the trainer
     for key in ("reward", "reward_correct", "reward_format", "accuracy", "kl", "entropy", "clip_frac",
                 "grad_norm", "zero_signal", "response_len", "truncated", "time_rollout", "eval_acc"):
         assert key in rows[-1], key
@@ -43,8 +43,8 @@ def test_hf_rollout_run_end_to_end(tmp_path, capsys):
 def test_vllm_run_logprobs_agree_and_sync_matches_hf(tmp_path):
     out, rows = run(tmp_path, "--rollout", "vllm")
     # before the first update the sampler's log-probs are the trainer's (fp32): [issue 8.5]
-    assert rows[0]["logprob_gap_max"] <= 1e-3
-    assert rows[1]["logprob_gap_max"] <= 1e-3  # and after a weight sync too: no stale rollouts
+    assert rows[1]["logprob_gap_max"] <= 1e-3
+    assert rows[2]["logprob_gap_max"] <= 1e-3  # and after a weight sync too: no stale rollouts
     model, engine, tok = out["model"], out["engine"], out["tokenizer"]
     prompts = [tok.encode(G.rewards.build_prompt("addition", ex, tok), add_special_tokens=False)
                for ex in G.rewards.load_task("addition", "test", n=8)]
@@ -82,9 +82,9 @@ def test_resume_continues_exactly(tmp_path):
     os.makedirs(tmp_path / "cut" / "checkpoint-3.tmp")  # a checkpoint that died half-written
     open(tmp_path / "cut" / "checkpoint-3.tmp" / "junk", "w").close()
     _, resumed = run(tmp_path, *flags, "--resume", name="cut")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
     # steps 3-4 after the resume are the steps 3-4 of the run that was never interrupted
-    for x, y in zip(without_times(resumed)[2:], without_times(whole)[2:]):
+    for x, y in zip(without_times(resumed)[3:], without_times(whole)[3:]):
         assert x == pytest.approx(y, rel=1e-5)
 
 

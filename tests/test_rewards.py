@@ -1,0 +1,314 @@
+"""rewards.py section 2: answer extraction and the verifiers, on real-world and hostile answers."""
+import concurrent.futures
+import doctest
+import os
+import signal
+import sys
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rewards  # noqa: E402
+from rewards import (addition_reward, addition_trace, countdown_reward, extract_answer,  # noqa: E402
+                     format_reward, gsm8k_reward, length_rewards, math_equal, math_reward, overlong_penalty)
+
+
+def within(limit, call):
+    """call()'s result, checking that it took less than `limit` seconds of wall-clock time. Timed
+    twice at most: a loaded 2-core machine can stall any process for a moment; a real hang is slow
+    both times."""
+    for _ in range(2):
+        start = time.perf_counter()
+        result = call()
+        if time.perf_counter() - start < limit:
+            return result
+    raise AssertionError(f"took {limit} s or more, twice")
+
+
+def test_doctests_pass():
+    assert doctest.testmod(rewards).failed == 0
+
+
+# ---- extract_answer ---------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [
+    ("<think>7+8=15,4+3+1=8</think><answer>85</answer>", "85"),
+    ("<answer>1</answer> wait, no: <answer> 2 </answer>", "2"),  # the last answer block
+    ("<answer>1</answer> then <answer>2", "1"),  # an unclosed block does not count
+    (r"The answer is $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+    (r"\boxed{1} and finally \boxed{\sqrt{\frac{3}{4}}}", r"\sqrt{\frac{3}{4}}"),  # nested braces
+    (r"\boxed {42}", "42"),
+    (r"\boxed{7} ... \boxed{unfinished", "7"),
+    ("<answer>x</answer> and \\boxed{y}", "x"),  # the answer tag wins over \boxed
+    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether.\n#### 72", "72"),
+    ("#### 1,234\nfollowed by more text", "1,234"),
+    ("The answer is 42.", None),
+    ("", None),
+    ("<answer>", None),
+    (None, None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+# ---- math_equal: equivalences and non-equivalences ----------------------------------------------
+@pytest.mark.parametrize("pred, gold", [
+    ("1,234", "1234"), ("1234", "1,234"), ("$1,234.00", "1234"), ("\\$1,234", "1234"), ("1,234,567", "1234567"),
+    ("5", "$5$"), ("$5", "5"), ("18 dollars", "18"), ("18", "18 dollars"), ("5 cm", "5"), ("42.", "42"),
+    ("-3", "-3"), ("\u22123", "-3"), ("-0.5", "-\\frac{1}{2}"), ("0.50", "0.5"), (".5", "0.5"),
+    ("50", "50\\%"), ("0.5", "50\\%"), ("50%", "50\\%"), ("50\\%", "0.5"),
+    ("0.5", "\\frac{1}{2}"), ("1/2", "\\frac{1}{2}"), ("\\dfrac{1}{2}", "\\frac{1}{2}"), (r"\frac12", r"\frac{1}{2}"),
+    ("\\boxed{3}", "3"), ("30^\\circ", "30"), ("\\text{(C)}", "(C)"), ("\\text{Monday}", "Monday"),
+    ("\\frac{\\sqrt{8}}{2}", "\\sqrt{2}"), ("2\\sqrt{2}", "\\sqrt{8}"), ("2^{10}", "1024"),
+    ("[1,2)", "[1, 2)"), ("(-\\infty, 3]", "(-\\infty,3]"), ("x^2+2x+1", "(x+1)^2"),
+    ("\\pi", "\\pi"), ("3, 5", "5, 3"),
+])
+def test_math_equal_true(pred, gold):
+    assert math_equal(pred, gold) is True
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("2", "3"), ("\\sqrt{2}", "1.414"), ("[1,2)", "[1,2]"), ("(1,2)", "[1,2]"), ("0.33", "\\frac{1}{3}"),
+    ("1234", "123"), ("-5", "5"), ("5", "50\\%"), ("5x", "5"), ("x+1", "x-1"), ("\\frac{1}{2}", "2"),
+    ("", "0"), (None, "1"), ("1", None), ("Monday", "Tuesday"), ("3", "\\text{(C)}"),
+    ("0.3333333", "\\frac{1}{3}"),  # plain numbers compare exactly
+    ("1" * 600, "1" * 600),  # over MAX_ANSWER_CHARS: wrong, however equal
+])
+def test_math_equal_false(pred, gold):
+    assert math_equal(pred, gold) is False
+
+
+# ---- gsm8k_reward / math_reward -----------------------------------------------------------------
+GSM8K_GOLD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("<think>48/2=24; 48+24=72</think><answer>72</answer>", GSM8K_GOLD, 1.0),
+    ("<think>...</think><answer>72</answer>", "72", 1.0),
+    ("<think>...</think><answer>72 clips</answer>", "72", 1.0),
+    ("<think>...</think><answer>$72.00</answer>", "72", 1.0),
+    ("<think>...</think><answer>\\$1,234.00</answer>", "#### 1234", 1.0),
+    ("<think>...</think><answer>-8</answer>", "#### -8", 1.0),
+    ("<think>...</think><answer>\\boxed{72}</answer>", "72", 1.0),
+    ("Adding up, \\boxed{72}", "72", 1.0),
+    ("so the total is\n#### 72", GSM8K_GOLD, 1.0),
+    ("<think>...</think><answer>71</answer>", GSM8K_GOLD, 0.0),
+    ("<think>...</think><answer>8</answer>", "#### -8", 0.0),
+    ("The answer is 72", GSM8K_GOLD, 0.0),  # no answer tag, box or ####: nothing to grade
+    ("", "72", 0.0),
+])
+def test_gsm8k_reward(completion, answer, expected):
+    assert gsm8k_reward(completion, answer) == expected
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("<think>..</think><answer>\\frac{1}{2}</answer>", "\\frac{1}{2}", 1.0),
+    ("<think>..</think><answer>0.5</answer>", "\\frac{1}{2}", 1.0),
+    ("<think>..</think><answer>\\boxed{2\\sqrt{2}}</answer>", "\\sqrt{8}", 1.0),
+    ("So $\\boxed{\\left[ 1, 2 \\right)}$", "[1,2)", 1.0),
+    ("<think>..</think><answer>[1,2]</answer>", "[1,2)", 0.0),
+    ("<think>..</think><answer>1.414</answer>", "\\sqrt{2}", 0.0),
+    ("<think>..</think><answer>\\text{(B)}</answer>", "\\text{(C)}", 0.0),
+])
+def test_math_reward(completion, answer, expected):
+    assert math_reward(completion, answer) == expected
+
+
+# ---- countdown_reward ---------------------------------------------------------------------------
+NUMS, TARGET = [44, 19, 35], 98
+
+
+@pytest.mark.parametrize("answer, numbers, target, expected", [
+    ("44 + 19 + 35", NUMS, TARGET, 1.0),
+    ("(44 + 19) + 35", NUMS, TARGET, 1.0),
+    ("35 + 44 + 19 = 98", NUMS, TARGET, 1.0),  # 'expr = target' is accepted
+    ("35 + 44 + 19 = 97", NUMS, TARGET, 0.0),  # ... but the claim must be the target
+    ("35 + 44 + 19 = 98 = 98", NUMS, TARGET, 0.0),
+    ("44 + 44 + 10", [44, 10, 3], 98, 0.0),  # 44 used twice
+    ("44 + 19", NUMS, 63, 0.0),  # 35 not used
+    ("44 + 19 + 35 + 1", NUMS, 99, 0.0),  # a number that was not given
+    ("6 / 4 * 2", [6, 4, 2], 3, 1.0),  # non-integer intermediate, exact via Fraction
+    ("1 / 3 * 3", [1, 3, 3], 1, 1.0),  # a float would give 0.9999999999999999 or 1.0 by luck
+    ("(4 - 4) / 5 + 7", [4, 4, 5, 7], 7, 1.0),
+    ("7 / (4 - 4) + 5", [4, 4, 5, 7], 7, 0.0),  # division by zero
+    ("-44 + 19 + 35", NUMS, 10, 0.0),  # unary minus is not an allowed operation
+    ("2 ** 3", [2, 3], 8, 0.0),
+    ("9**9**9**9", [9, 9, 9, 9], 9, 0.0),
+    ("7 // 2", [7, 2], 3, 0.0),
+    ("44.0 + 19 + 35", NUMS, TARGET, 0.0),
+    ("\uff14\uff14 + 19 + 35", NUMS, TARGET, 0.0),  # fullwidth digits
+    ("\u0664\u0664 + 19 + 35", NUMS, TARGET, 0.0),  # Arabic-Indic digits
+    ("__import__('os').system('true')", NUMS, TARGET, 0.0),
+    ("(lambda: 98)()", NUMS, TARGET, 0.0),
+    ("x + 19 + 35", NUMS, TARGET, 0.0),
+    ("abs(44) + 19 + 35", NUMS, TARGET, 0.0),
+    ("(44).real + 19 + 35", NUMS, TARGET, 0.0),
+    ("044 + 19 + 35", NUMS, TARGET, 0.0),
+    ("", NUMS, TARGET, 0.0),
+])
+def test_countdown_reward(answer, numbers, target, expected):
+    assert countdown_reward(f"<think>...</think><answer>{answer}</answer>", numbers, target) == expected
+
+
+def test_countdown_needs_the_answer_tag_and_the_last_one():
+    assert countdown_reward("44 + 19 + 35", NUMS, TARGET) == 0.0
+    assert countdown_reward("<answer>44 + 19</answer><answer>44 + 19 + 35</answer>", NUMS, TARGET) == 1.0
+
+
+@pytest.mark.parametrize("answer", [
+    "1+" * 50_000 + "1",  # 100 kB
+    "(" * 100_000,
+    "(" * 99 + "1" + ")" * 99,
+    "9" * 100_000,
+    "1/(1-1)" * 1000,
+])
+def test_countdown_hostile_answers_are_fast_zeros(answer):
+    assert within(0.5, lambda: countdown_reward(f"<answer>{answer}</answer>", [1, 1, 1], 3)) == 0.0
+
+
+# ---- format_reward [R-FORMAT] -------------------------------------------------------------------
+@pytest.mark.parametrize("completion, expected", [
+    ("<think>7+8=15</think><answer>15</answer>", 1.0),
+    ("<think>\nlong\nreasoning\n</think>\n<answer>\n15\n</answer>\n\n", 1.0),
+    ("7+8=15</think><answer>15</answer>", 1.0),  # the opening <think> was in the prompt
+    ("<think></think><answer></answer>", 1.0),
+    ("  <think>a</think> <answer>b</answer>", 1.0),
+    ("<answer>15</answer>", 0.0),  # no think block
+    ("<think>7+8=15</think>", 0.0),  # no answer block
+    ("<answer>15</answer><think>7+8=15</think>", 0.0),  # answer before think
+    ("<think>a</think><answer>1</answer><answer>2</answer>", 0.0),  # two answer blocks
+    ("<think>a</think><answer>1</answer> I hope this helps!", 0.0),  # text after the answer
+    ("<think>a</think>So:<answer>1</answer>", 0.0),  # text between the blocks
+    ("Hello <think>a</think><answer>1</answer>", 0.0),  # text before <think>
+    ("<think>a<think>b</think><answer>1</answer>", 0.0),  # nested think
+    ("<think>a</think><think>b</think><answer>1</answer>", 0.0),
+    ("<think>a</think><answer>1<answer>2</answer>", 0.0),
+    ("<think>a</answer><answer>1</answer>", 0.0),
+    ("", 0.0),
+    (None, 0.0),
+])
+def test_format_reward(completion, expected):
+    assert format_reward(completion) == expected
+
+
+def test_format_reward_is_fast_on_long_and_hostile_text():
+    for text in ("<think>" + "a" * 100_000 + "</think><answer>1</answer>",
+                 "<think>" * 20_000, "</think><answer>" * 10_000, "<think>a</think><answer>" + "<" * 100_000):
+        assert within(0.5, lambda: format_reward(text)) in (0.0, 1.0)
+
+
+# ---- length_rewards [R-LEN] / overlong_penalty / addition_reward ---------------------------------
+def test_length_rewards_hand_computed():
+    # lengths 100..300: lambda = 0.5 - (len - 100) / 200 = [0.5, 0.25, -0.25, -0.5]
+    lengths, correct = [100, 150, 250, 300], [True, False, True, False]
+    assert length_rewards(lengths, correct) == [0.5, 0.0, -0.25, -0.5]
+    assert length_rewards(lengths, [True] * 4) == [0.5, 0.25, -0.25, -0.5]
+    assert length_rewards(lengths, [False] * 4) == [0.0, 0.0, -0.25, -0.5]  # wrong: never a bonus
+    assert length_rewards([7, 7, 7], [True, False, True]) == [0.0, 0.0, 0.0]
+    assert length_rewards([5], [True]) == [0.0]
+
+
+def test_overlong_penalty():
+    assert [overlong_penalty(n, 1000, 200) for n in (0, 800, 850, 900, 1000, 1001, 5000)] == \
+        [0.0, 0.0, -0.25, -0.5, -1.0, -1.0, -1.0]
+    assert overlong_penalty(100, 100, 0) == 0.0 and overlong_penalty(101, 100, 0) == -1.0
+
+
+def test_addition_reward():
+    example = {"question": "47+38", "answer": "85"}
+    assert addition_reward(addition_trace(47, 38), example) == 1.0
+    assert addition_reward(addition_trace(47, 38, carry_written=0), example) == 0.0
+    assert addition_reward("<answer>085</answer>", example) == 0.0  # exactly the integer string
+    assert addition_reward("<answer>85.0</answer>", example) == 0.0
+    assert addition_reward("85", example) == 0.0
+
+
+# ---- never raise, never hang: main thread, other threads, hostile input ---------------------------
+HOSTILE = [
+    "(" * 10_000, "(" * 5000 + "1" + ")" * 5000, "\\frac{" * 2000, "\\frac{" * 80, "{" * 10_000 + "}" * 10_000,
+    "9^{9^{9^{9}}}", "10^{10^{10}}", "2^{2^{40}}", "100000000!", "\\sqrt{2}^{10^{9}}", "9**9**9**9",
+    "1" * 4400, "1e99999999", "\\boxed{" * 5000, "<answer>" * 10_000, "\\begin{pmatrix}" * 60,
+    "$" * 10_000, "\x00\udcff\u202e", "\\" * 10_000, "#### " * 10_000,
+]
+
+
+def _verifier_calls(text):
+    """Every verifier with `text` as the completion or as the reference answer."""
+    return [lambda: extract_answer(text), lambda: math_equal(text, "3"), lambda: math_equal("3", text),
+            lambda: math_equal(text[:400], "2") if len(text) > 400 else None, lambda: gsm8k_reward(text, "72"),
+            lambda: gsm8k_reward("<answer>3</answer>", text), lambda: math_reward(f"<answer>{text}</answer>", "1/2"),
+            lambda: countdown_reward(f"<answer>{text}</answer>", [1, 2, 3], 6), lambda: format_reward(text),
+            lambda: addition_reward(text, {"answer": "85"})]
+
+
+@pytest.mark.parametrize("text", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_input_never_raises_and_returns_within_a_second(text):
+    for call in _verifier_calls(text):
+        result = within(1.0, call)
+        assert result is None or isinstance(result, (bool, float, str))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=300))
+def test_random_text_never_raises_and_is_fast(text):
+    for call in _verifier_calls(text):
+        within(1.0, call)
+
+
+LATEXISH = st.lists(st.sampled_from(list("0123456789+-*/^()[]{},.=x ") + ["\\frac{", "\\sqrt{", "^{", "\\pi", "!"]),
+                    max_size=30).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(LATEXISH, LATEXISH)
+def test_random_latex_never_raises_and_is_fast(pred, gold):
+    assert within(1.0, lambda: math_equal(pred, gold)) in (True, False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 99), min_size=3, max_size=4), st.integers(-10, 200),
+       st.text(alphabet=list("0123456789+-*/() =.%^&|~<>!xe_j\uff11"), max_size=40))
+def test_random_countdown_answers(numbers, target, answer):
+    assert within(0.5, lambda: countdown_reward(f"<answer>{answer}</answer>", numbers, target)) in (0.0, 1.0)
+
+
+def test_math_equal_in_worker_threads():
+    """Signals only work in the main thread: other threads use a helper process with a time limit."""
+    cases = [("0.5", "\\frac{1}{2}", True), ("\\frac{\\sqrt{8}}{2}", "\\sqrt{2}", True), ("\\sqrt{2}", "1.414", False),
+             ("[1,2)", "[1,2]", False), ("x^2+2x+1", "(x+1)^2", True)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(math_equal, "x", "x+0").result()  # the helper's first start (importing sympy) is not timed
+        for pred, gold, expected in cases:
+            assert within(1.0, lambda: pool.submit(math_equal, pred, gold).result()) is expected, (pred, gold)
+        assert within(1.0, lambda: pool.submit(math_equal, "9^{9^{9^{9}}}", "3").result()) is False
+        # that killed the helper at MATH_TIMEOUT_S: the next call also waits for a new one to start
+        assert within(4.0, lambda: pool.submit(math_equal, "2\\sqrt{2}", "\\sqrt{8}").result()) is True
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as many:  # several threads at once
+        assert list(many.map(lambda c: math_equal(c[0], c[1]), cases * 2)) == [c[2] for c in cases] * 2
+
+
+def test_main_thread_timer_restores_the_callers_alarm():
+    """A caller's own SIGALRM handler and pending timer (e.g. pytest-timeout's) survive math_equal."""
+    fired = []
+
+    def handler(*_):
+        fired.append(1)
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 5.0)
+        assert math_equal("9^{9^{9^{9}}}", "3") is False  # our own timer fires inside
+        assert math_equal("\\frac{\\sqrt{8}}{2}", "\\sqrt{2}") is True
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 3.0 < remaining < 5.0 and signal.getsignal(signal.SIGALRM) is handler and not fired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_no_alarm_left_behind():
+    handler, (delay, _) = signal.getsignal(signal.SIGALRM), signal.getitimer(signal.ITIMER_REAL)
+    assert math_equal("10^{10^{10}}", "1") is False
+    after, _ = signal.getitimer(signal.ITIMER_REAL)
+    assert (after == 0.0) if delay == 0.0 else (0.0 < after < delay)  # none, or the caller's own (pytest-timeout's)
+    assert signal.getsignal(signal.SIGALRM) is handler
