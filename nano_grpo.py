@@ -29,6 +29,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-proces
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve the trainer
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM logs every weight reload otherwise
+if "LOCAL_RANK" in os.environ:  # torchrun: each rank sees only its own GPU (as cuda:0), for vLLM too
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", os.environ["LOCAL_RANK"])
 
 import argparse
 import copy
@@ -43,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from tqdm import tqdm
 
 import rewards
@@ -153,7 +155,8 @@ def parse_config(argv=None) -> Config:
     if cfg.group_size < 2 and cfg.adv_estimator in ("grpo", "rloo"):
         sys.exit(f"error: --group_size {cfg.group_size}: a group advantage needs G >= 2 answers per question")
     why = "--preset" if args.preset else f"default: {'a' if torch.cuda.is_available() else 'no'} CUDA GPU is present"
-    print(f"preset {preset} ({why}): {PRESET_ABOUT[preset]}; rollouts by {cfg.rollout}")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: say it once
+        print(f"preset {preset} ({why}): {PRESET_ABOUT[preset]}; rollouts by {cfg.rollout}")
     return cfg
 
 
@@ -415,22 +418,25 @@ def clipped_policy_loss(logp, old_logp, advantages, epsilon: float, epsilon_high
     return -torch.min(unclipped, clipped), (clipped < unclipped).float()
 
 
-def loss_weights(response_mask: torch.Tensor, loss_agg: str, max_new_tokens: int) -> torch.Tensor:
+def loss_weights(response_mask: torch.Tensor, loss_agg: str, max_new_tokens: int,
+                 n_seqs: float | None = None, n_tokens: float | None = None) -> torch.Tensor:
     """[B, T] weights w such that loss = sum(w * token_loss) over the WHOLE batch.
 
     seq-mean-token-mean      (GRPO)     : mean over each answer's tokens, then over answers
     token-mean               (DAPO)     : mean over all answer tokens of the batch
     seq-mean-token-sum-norm  (Dr. GRPO) : each answer's token sum / max_new_tokens, mean over answers
-    The normaliser is computed here, once, for the whole batch: a loss normalised per micro-batch
-    would change with how the batch was split (and weigh long answers differently).
+    The normaliser is computed once for the whole batch (n_seqs / n_tokens: its answer and token
+    counts, over all ranks under torchrun): a loss normalised per micro-batch would change with how
+    the batch was split (and weigh long answers differently).
     """
-    n_seq = response_mask.shape[0]
+    n_seqs = response_mask.shape[0] if n_seqs is None else n_seqs
+    n_tokens = response_mask.sum() if n_tokens is None else n_tokens
     if loss_agg == "token-mean":
-        return response_mask / response_mask.sum().clamp(min=1)
+        return response_mask / max(n_tokens, 1)
     if loss_agg == "seq-mean-token-mean":
-        return response_mask / response_mask.sum(1, keepdim=True).clamp(min=1) / n_seq
+        return response_mask / response_mask.sum(1, keepdim=True).clamp(min=1) / n_seqs
     if loss_agg == "seq-mean-token-sum-norm":  # [DR-GRPO] a constant, not each answer's own length
-        return response_mask / max_new_tokens / n_seq
+        return response_mask / max_new_tokens / n_seqs
     raise ValueError(f"unknown loss_agg {loss_agg!r}")
 
 
@@ -442,7 +448,8 @@ def train_on_batch(model, ref_model, optimizer, samples, advantages, cfg: Config
     batch = {k: v.to(device) for k, v in make_batch(samples, pad_id).items()}
     mask = batch["response_mask"]  # [B, T]
     adv = advantages.to(device)[:, None] * mask  # [B, T]: every token carries its answer's advantage
-    weights = loss_weights(mask, cfg.loss_agg, cfg.max_new_tokens)  # whole-batch normaliser
+    n_seqs, n_tokens = all_ranks_sum(torch.tensor([float(len(samples)), mask.sum().item()], device=device)).tolist()
+    weights = loss_weights(mask, cfg.loss_agg, cfg.max_new_tokens, n_seqs, n_tokens)  # whole-batch normaliser
     micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(samples), cfg.micro_batch_size)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
@@ -485,21 +492,28 @@ def train_on_batch(model, ref_model, optimizer, samples, advantages, cfg: Config
                                   gap.sum(), torch.zeros((), device=device), (adv[sl] * logp.detach() * mk).sum(),
                                   loss.detach()])
             stats[4] = torch.maximum(stats[4], gap.max())
+        all_reduce_gradients(model)  # torchrun: what DDP does, written out; no-op in one process
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         if it == 0:  # metrics of the first pass: the one that saw the rollout policy
-            n_tok = mask.sum().clamp(min=1)
+            stats = all_ranks_sum(stats, max_index=4)
+            n_tok = torch.tensor(max(n_tokens, 1.0), device=device)
             m = dict(kl=(stats[0] / n_tok).item(), entropy=(stats[1] / n_tok).item(),
                      clip_frac=(stats[2] / n_tok).item(), logprob_gap=(stats[3] / n_tok).item(),
                      logprob_gap_max=stats[4].item(), adv_logp=(stats[5] / n_tok).item(),
                      grad_norm=grad_norm.item(), loss=stats[6].item())
         if cfg.num_iterations > 1:
-            m["clip_frac_last"] = (stats[2] / mask.sum().clamp(min=1)).item()
+            m["clip_frac_last"] = (all_ranks_sum(stats)[2] / max(n_tokens, 1.0)).item()
     return m
 
 
 def rollout_metrics(samples: list[dict], group_size: int) -> dict:
     """Per-step numbers about the answers themselves (each computed once, here)."""
+    if dist.is_initialized():  # torchrun: every rank's answers (whole groups), light fields only
+        light = [{k: s[k] for k in ("reward", "components", "response_ids", "truncated")} for s in samples]
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, light)
+        samples = [s for part in gathered for s in part]
     n = len(samples)
     groups = [samples[g:g + group_size] for g in range(0, n, group_size)]
     comps = sorted({k for s in samples for k in s["components"]})
@@ -510,7 +524,8 @@ def rollout_metrics(samples: list[dict], group_size: int) -> dict:
              response_len=sum(len(s["response_ids"]) for s in samples) / n,
              response_len_max=max(len(s["response_ids"]) for s in samples),
              truncated=sum(s["truncated"] for s in samples) / n,
-             zero_signal=sum(len({s["reward"] for s in g}) == 1 for g in groups) / len(groups))
+             zero_signal=sum(len({s["reward"] for s in g}) == 1 for g in groups) / len(groups),
+             answers=n)
     return m
 
 
@@ -587,9 +602,51 @@ def last_checkpoint(output_dir: str):
 
 
 # ================================================================================================
-# 10. Main loop
+# 10. torchrun (a few GPUs): skip on a first reading. Each rank runs its own vLLM engine over its
+#     own prompts (whole groups), gradients are summed across ranks, rank 0 logs/evaluates/saves.
+# ================================================================================================
+def setup_distributed() -> tuple[int, int]:
+    if "RANK" not in os.environ:  # plain `python nano_grpo.py`: one process
+        return 0, 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_ranks_sum(t: torch.Tensor, max_index: int | None = None) -> torch.Tensor:
+    """Sum over ranks (entry `max_index`, a maximum, is maxed instead); identity in one process."""
+    if not dist.is_initialized():
+        return t
+    t = t.clone()
+    if max_index is not None:
+        top = t[max_index].clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t)
+    if max_index is not None:
+        t[max_index] = top
+    return t
+
+
+def all_reduce_gradients(model):
+    """Sum every rank's gradient. Each rank's loss already used the whole batch's normaliser
+    (loss_weights), so the sum IS the single-process gradient of the whole batch."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+
+
+def end_distributed(engine):
+    if isinstance(engine, torch.nn.Module):  # a vLLM engine ends its own groups (and needs ours) at exit
+        dist.destroy_process_group()
+
+
+# ================================================================================================
+# 11. Main loop
 # ================================================================================================
 def main(cfg: Config):
+    rank, world = setup_distributed()  # (0, 1) unless launched by torchrun
+    is_main = rank == 0
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -618,7 +675,8 @@ def main(cfg: Config):
     sync_atol = 5e-2 if cfg.bf16 else 1e-4  # bf16 rounding vs fp32: see check_engine_weights
     if cfg.rollout == "vllm":
         engine = start_vllm(cfg, resume_from or cfg.model, cfg.seed)
-        print(f"vLLM engine up; its log-probs match the trainer's within {check_engine_weights(engine, model, probe, sync_atol):.1g}")
+        print_main = print if is_main else (lambda *a: None)
+        print_main(f"vLLM engine up; its log-probs match the trainer's within {check_engine_weights(engine, model, probe, sync_atol):.1g}")
 
     start_step, state, metrics_path = 0, {}, os.path.join(cfg.output_dir, "metrics.jsonl")
     if resume_from:
@@ -627,36 +685,38 @@ def main(cfg: Config):
         torch.set_rng_state(state.pop("rng"))
         random.setstate(state.pop("py_rng"))
         start_step = state.pop("step")
-        rows = [line for line in open(metrics_path) if json.loads(line)["step"] <= start_step]
-        open(metrics_path, "w").writelines(rows)  # drop what was logged after the checkpoint
+        if is_main:
+            rows = [line for line in open(metrics_path) if json.loads(line)["step"] <= start_step]
+            open(metrics_path, "w").writelines(rows)  # drop what was logged after the checkpoint
         print(f"resumed from {resume_from} at step {start_step}")
-    else:
+    elif is_main:
         before = evaluate(engine, model, tokenizer, eval_examples, eval_prompts, cfg, eos_id)
         state["acc_before"] = before["eval_acc"]
         with open(metrics_path, "w") as f:  # step 0: the model as it came
             f.write(json.dumps({"step": 0, **before}) + "\n")
         print(f"held-out greedy accuracy before training: {state['acc_before']:.3f}")
-    log = open(metrics_path, "a")
+    log = open(metrics_path, "a") if is_main else None
     wandb = None
-    if cfg.wandb:
+    if cfg.wandb and is_main:
         try:
             import wandb
             wandb.init(project="nano-rlvr", config=dataclasses.asdict(cfg))
         except ImportError:
             print("wandb is not installed; logging to metrics.jsonl only")
 
-    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="grpo")
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="grpo", disable=not is_main)
     for step in bar:
         t = {"rollout": 0.0, "reward": 0.0}
         # -- rollout + reward (DAPO dynamic sampling keeps drawing until the batch has signal)
         rng = random.Random(cfg.seed * 1_000_003 + step)  # prompts depend on (seed, step) only: resumable
         samples, examples, generated, tries = [], [], [], 0
-        while len(examples) < cfg.prompts_per_step and tries < (4 if cfg.dynamic_sampling else 1):
+        my_prompts = len(range(rank, cfg.prompts_per_step, world))
+        while len(examples) < my_prompts and tries < (4 if cfg.dynamic_sampling else 1):
             tries += 1
-            batch_ex = rng.sample(train_examples, cfg.prompts_per_step)
+            batch_ex = rng.sample(train_examples, cfg.prompts_per_step)[rank::world]  # torchrun: my share
             t0 = time.time()
             new = generate(engine, [prompt_of(ex) for ex in batch_ex], cfg.group_size, cfg.temperature,
-                           cfg.max_new_tokens, eos_id, seed=cfg.seed * 1_000_003 + step * 7 + tries)
+                           cfg.max_new_tokens, eos_id, seed=(cfg.seed * 1_000_003 + step) * 7 + tries + 1000 * rank)
             t["rollout"] += time.time() - t0
             t0 = time.time()
             score_samples(new, batch_ex, cfg, tokenizer, cfg.group_size)
@@ -666,13 +726,13 @@ def main(cfg: Config):
                 group = new[g * cfg.group_size:(g + 1) * cfg.group_size]
                 if cfg.dynamic_sampling and len({s["reward"] for s in group}) == 1:
                     continue  # all equal: zero advantage, nothing to learn from this group
-                if len(examples) < cfg.prompts_per_step:
+                if len(examples) < my_prompts:
                     samples += group
                     examples.append(ex)
         metrics = {"step": step + 1, **rollout_metrics(generated, cfg.group_size)}
         # -- advantage + update
         t0 = time.time()
-        if samples:
+        if all_ranks_sum(torch.tensor([float(not samples)])).item() == 0:  # every rank has groups to learn from
             advantages = compute_advantages(samples, cfg)  # groups are contiguous: never shuffled apart
             metrics.update(train_on_batch(model, ref_model, optimizer, samples, advantages, cfg, pad_id))
         t["train"] = time.time() - t0
@@ -685,6 +745,8 @@ def main(cfg: Config):
         t["sync"] = time.time() - t0
         metrics.update({f"time_{k}": v for k, v in t.items()})
         # -- eval, log, checkpoint
+        if not is_main:  # torchrun: rank 0 evaluates, logs and saves
+            continue
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             metrics.update(evaluate(engine, model, tokenizer, eval_examples, eval_prompts, cfg, eos_id))
         log.write(json.dumps(metrics) + "\n")
@@ -695,14 +757,17 @@ def main(cfg: Config):
                         **({"eval": f"{metrics['eval_acc']:.2f}"} if "eval_acc" in metrics else {}))
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.max_steps:
             save_checkpoint(cfg, step + 1, model, tokenizer, optimizer, state)
+    if not is_main:
+        return end_distributed(engine)
     log.close()
-
     plot_metrics(metrics_path, os.path.join(cfg.output_dir, "curves.png"),
                  ["reward", "accuracy", "eval_acc", "format_ok", "kl", "entropy", "response_len", "grad_norm"])
     final = [json.loads(line) for line in open(metrics_path)]
     acc_after = next((r["eval_acc"] for r in reversed(final) if "eval_acc" in r), state["acc_before"])
     print(f"curves: {os.path.join(cfg.output_dir, 'curves.png')}")
     print(f"final: acc_before={state['acc_before']:.3f} acc_after={acc_after:.3f}")
+    if dist.is_initialized():
+        return end_distributed(engine)
     return dict(model=model, tokenizer=tokenizer, engine=engine, acc_before=state["acc_before"], acc_after=acc_after)
 
 
