@@ -78,9 +78,11 @@ class Config:
     length_reward: float = field(default=0.0, metadata={"help": "weight of Kimi k1.5's length reward [R-LEN] (0 = off)"})
     overlong_buffer: int = field(default=0, metadata={"help": "DAPO soft overlong penalty over the last N tokens (0 = off)"})
     # advantage
+    supervision: str = field(default="outcome", metadata={"help": "outcome (one reward per answer) | process (one per reasoning step, GRPO+PS)"})
     adv_estimator: str = field(default="grpo", metadata={"help": "grpo | rloo | rft (learn from correct answers only)"})
     scale_rewards: str = field(default="group", metadata={"help": "group (divide by group std) | none (Dr. GRPO)"})
     dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO: drop all-equal groups, refill from more prompts"})
+    offline_rollouts: bool = field(default=False, metadata={"help": "sample from the starting model only, never the trained one (offline RFT)"})
     # loss and update
     loss_agg: str = field(default="seq-mean-token-mean", metadata={"help": "seq-mean-token-mean (GRPO) | token-mean (DAPO) | seq-mean-token-sum-norm (Dr. GRPO)"})
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip: ratio >= 1 - epsilon"})
@@ -126,7 +128,7 @@ PRESETS = {
 PRESET_ABOUT = {"cpu-demo": "the shipped tiny model on offline 2-digit addition, on CPU",
                 "gpu": "Qwen2.5-0.5B-Instruct on GSM8K, one GPU",
                 "gpu-countdown": "Qwen2.5-3B on Countdown, nano-aha-moment's recipe, one 80 GB GPU"}
-CHOICES = {"rollout": ["vllm", "hf"], "adv_estimator": ["grpo", "rloo", "rft"], "scale_rewards": ["group", "none"],
+CHOICES = {"rollout": ["vllm", "hf"], "supervision": ["outcome", "process"], "adv_estimator": ["grpo", "rloo", "rft"], "scale_rewards": ["group", "none"],
            "loss_agg": ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]}
 
 
@@ -294,6 +296,10 @@ def score_samples(samples: list[dict], examples: list[dict], cfg: Config, tokeni
     for i, s in enumerate(samples):
         s["text"] = tokenizer.decode(s["response_ids"], skip_special_tokens=False).removesuffix(tokenizer.eos_token)
         s["reward"], s["components"] = rewards.task_reward(cfg.task, s["text"], examples[i // group_size], cfg.format_weight)
+        if cfg.supervision == "process":  # [GRPO-PS] one reward per step, at the step's last token
+            steps = rewards.task_steps(cfg.task, s["text"], examples[i // group_size])
+            ends = token_char_ends(tokenizer, s["response_ids"])
+            s["steps"] = [(next((k for k, e in enumerate(ends) if e >= end), len(ends) - 1), r) for end, r in steps]
     for g in range(0, len(samples), group_size):  # optional length shaping, per group
         group = samples[g:g + group_size]
         if cfg.length_reward:  # [R-LEN] Kimi k1.5: shorter is better when right, neutral-or-worse when wrong
@@ -305,6 +311,16 @@ def score_samples(samples: list[dict], examples: list[dict], cfg: Config, tokeni
             for s in group:
                 s["components"]["overlong"] = rewards.overlong_penalty(len(s["response_ids"]), cfg.max_new_tokens, cfg.overlong_buffer)
                 s["reward"] += s["components"]["overlong"]
+
+
+def token_char_ends(tokenizer, ids: list[int]) -> list[int]:
+    """Where each token ends in the decoded text, from the tokenizer's offsets (a token may be
+    several characters, e.g. <think>). Exact fallback when re-encoding gives other ids."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if enc["input_ids"] == ids:
+        return [end for _, end in enc["offset_mapping"]]
+    return [len(tokenizer.decode(ids[:k + 1], skip_special_tokens=False)) for k in range(len(ids))]
 
 
 # ================================================================================================
@@ -335,7 +351,31 @@ def rloo_advantages(rewards_: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.where(all_equal, torch.zeros_like(r), r - (r.sum(1, keepdim=True) - r) / (group_size - 1)).view(-1)
 
 
-def compute_advantages(samples: list[dict], cfg: Config) -> torch.Tensor:
+def process_advantages(steps: list[list[tuple[int, float]]], lengths: list[int], group_size: int) -> list[torch.Tensor]:
+    """steps[i] = [(token index where step j ends, its reward), ...] -> per-token advantages of answer i.
+
+    [GRPO-PS] normalise ALL step rewards of a group together: r~ = (r - mean(R)) / (std(R) + 1e-4),
+    then A_{i,t} = sum of r~ over the steps of answer i that end at or after token t: a token is
+    credited (or blamed) for the steps it led to, never for steps that came before it.
+    With one step per answer, at its last token, this is [GRPO-ADV].
+    """
+    out = []
+    for g in range(0, len(steps), group_size):
+        all_r = torch.tensor([r for st in steps[g:g + group_size] for _, r in st])  # R: the group's step rewards
+        equal = len(all_r) < 2 or bool((all_r == all_r[0]).all())
+        mean, std = all_r.mean(), (all_r.std() if len(all_r) > 1 else torch.tensor(0.0))
+        for st, length in zip(steps[g:g + group_size], lengths[g:g + group_size]):
+            adv = torch.zeros(length)
+            for end, r in st:
+                adv[:end + 1] += 0.0 if equal else (r - mean) / (std + 1e-4)
+            out.append(adv)
+    return out
+
+
+def compute_advantages(samples: list[dict], cfg: Config):
+    """[N*G] answer advantages, or (process supervision) a list of per-token advantage vectors."""
+    if cfg.supervision == "process":
+        return process_advantages([s["steps"] for s in samples], [len(s["response_ids"]) for s in samples], cfg.group_size)
     r = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
     if cfg.adv_estimator == "rft":  # rejection-sampling fine-tuning: imitate the correct answers only
         return torch.tensor([float(s["components"]["correct"] > 0) for s in samples])
@@ -447,7 +487,12 @@ def train_on_batch(model, ref_model, optimizer, samples, advantages, cfg: Config
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in make_batch(samples, pad_id).items()}
     mask = batch["response_mask"]  # [B, T]
-    adv = advantages.to(device)[:, None] * mask  # [B, T]: every token carries its answer's advantage
+    if isinstance(advantages, list):  # per-token advantages (process supervision)
+        adv = torch.zeros_like(mask)
+        for b, a in enumerate(advantages):
+            adv[b][mask[b] > 0] = a.to(device)
+    else:
+        adv = advantages.to(device)[:, None] * mask  # [B, T]: every token carries its answer's advantage
     n_seqs, n_tokens = all_ranks_sum(torch.tensor([float(len(samples)), mask.sum().item()], device=device)).tolist()
     weights = loss_weights(mask, cfg.loss_agg, cfg.max_new_tokens, n_seqs, n_tokens)  # whole-batch normaliser
     micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(samples), cfg.micro_batch_size)]
@@ -674,9 +719,13 @@ def main(cfg: Config):
     engine, probe = model, eval_prompts[0]  # probe: a prompt for the weight-sync check
     sync_atol = 5e-2 if cfg.bf16 else 1e-4  # bf16 rounding vs fp32: see check_engine_weights
     if cfg.rollout == "vllm":
-        engine = start_vllm(cfg, resume_from or cfg.model, cfg.seed)
+        engine = start_vllm(cfg, cfg.model if cfg.offline_rollouts else resume_from or cfg.model, cfg.seed)
         print_main = print if is_main else (lambda *a: None)
-        print_main(f"vLLM engine up; its log-probs match the trainer's within {check_engine_weights(engine, model, probe, sync_atol):.1g}")
+        if not cfg.offline_rollouts:
+            print_main(f"vLLM engine up; its log-probs match the trainer's within {check_engine_weights(engine, model, probe, sync_atol):.1g}")
+    if cfg.offline_rollouts:  # offline RFT: answers always come from the starting model; eval uses ours
+        engine = engine if cfg.rollout == "vllm" else load_model(cfg.model, cfg)[0].to(device).eval()
+    eval_engine = model if cfg.offline_rollouts else engine
 
     start_step, state, metrics_path = 0, {}, os.path.join(cfg.output_dir, "metrics.jsonl")
     if resume_from:
@@ -690,7 +739,7 @@ def main(cfg: Config):
             open(metrics_path, "w").writelines(rows)  # drop what was logged after the checkpoint
         print(f"resumed from {resume_from} at step {start_step}")
     elif is_main:
-        before = evaluate(engine, model, tokenizer, eval_examples, eval_prompts, cfg, eos_id)
+        before = evaluate(eval_engine, model, tokenizer, eval_examples, eval_prompts, cfg, eos_id)
         state["acc_before"] = before["eval_acc"]
         with open(metrics_path, "w") as f:  # step 0: the model as it came
             f.write(json.dumps({"step": 0, **before}) + "\n")
@@ -738,7 +787,7 @@ def main(cfg: Config):
         t["train"] = time.time() - t0
         # -- weight sync: the next rollouts must come from the weights we just trained
         t0 = time.time()
-        if cfg.rollout == "vllm":
+        if cfg.rollout == "vllm" and not cfg.offline_rollouts:
             sync_weights(engine, model)
             if cfg.sync_check:
                 check_engine_weights(engine, model, probe, sync_atol)
@@ -748,7 +797,7 @@ def main(cfg: Config):
         if not is_main:  # torchrun: rank 0 evaluates, logs and saves
             continue
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
-            metrics.update(evaluate(engine, model, tokenizer, eval_examples, eval_prompts, cfg, eos_id))
+            metrics.update(evaluate(eval_engine, model, tokenizer, eval_examples, eval_prompts, cfg, eos_id))
         log.write(json.dumps(metrics) + "\n")
         log.flush()
         if wandb:

@@ -122,3 +122,52 @@ def test_response_logprobs_equal_masked_token_logprobs():
     assert [len(x) for x in lists] == [len(s["response_ids"]) for s in samples]
     one = G.response_logprobs(model, samples[:1], 1.0)[0]  # no padding at all
     assert one == pytest.approx(lists[0], abs=1e-5)
+
+
+# ---- [GRPO-PS] process supervision ------------------------------------------------------------------
+def test_process_advantage_hand_computed():
+    # group of 2 answers, 4 tokens each; answer 0: steps end at tokens 1 (right) and 3 (right);
+    # answer 1: steps end at tokens 1 (right) and 3 (wrong). R = [1, 1, 1, 0]: mean .75, std .5
+    steps = [[(1, 1.0), (3, 1.0)], [(1, 1.0), (3, 0.0)]]
+    adv = G.process_advantages(steps, [4, 4], group_size=2)
+    good, bad = 0.25 / (0.5 + 1e-4), -0.75 / (0.5 + 1e-4)
+    assert torch.allclose(adv[0], torch.tensor([2 * good, 2 * good, good, good]))
+    assert torch.allclose(adv[1], torch.tensor([good + bad, good + bad, bad, bad]))
+
+
+def test_process_advantage_single_step_is_grpo_advantage():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    lengths = [3, 5, 2, 4, 1, 6, 3, 2]
+    steps = [[(n - 1, float(x))] for n, x in zip(lengths, r)]  # the answer is the only step, at the end
+    adv = G.process_advantages(steps, lengths, group_size=4)
+    expected = G.group_advantages(r, 4)
+    for a, e, n in zip(adv, expected, lengths):
+        assert torch.allclose(a, torch.full((n,), e.item()))
+
+
+def test_tokens_after_a_wrong_step_get_no_blame_from_it():
+    steps = [[(1, 0.0), (4, 1.0)], [(1, 1.0), (4, 1.0)]]  # answer 0: first step wrong, then right
+    adv = G.process_advantages(steps, [6, 6], group_size=2)
+    assert adv[0][:2].max() < adv[0][2:5].min()  # tokens up to the wrong step carry its blame
+    assert (adv[0][2:5] > 0).all() and (adv[0][5:] == 0).all()  # later tokens: only later steps / none
+
+
+def test_process_advantage_all_equal_group_gives_zeros():
+    adv = G.process_advantages([[(1, 1.0), (3, 1.0)], [(2, 1.0)]], [4, 4], group_size=2)
+    assert all(torch.equal(a, torch.zeros(4)) for a in adv)
+
+
+def test_step_ends_become_token_positions_with_multi_character_tokens():
+    import os
+    from helpers import TINY_MODEL
+    if not os.path.isdir(TINY_MODEL):
+        pytest.skip("tiny model not built")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    text = G.rewards.addition_trace(47, 38)  # '<think>' and '</answer>' are single multi-char tokens
+    ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    ends = G.token_char_ends(tok, ids)
+    assert ends[0] == len("<think>") and ends[1] == len("<think>7")
+    rendered = tok.decode(ids, skip_special_tokens=False)
+    assert ends == [len(tok.decode(ids[:k + 1], skip_special_tokens=False)) for k in range(len(ids))]
+    assert ends[-1] == len(rendered)

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rewards  # noqa: E402
 from rewards import (addition_reward, addition_trace, countdown_reward, extract_answer,  # noqa: E402
-                     format_reward, gsm8k_reward, length_rewards, math_equal, math_reward, overlong_penalty)
+                     format_reward, gsm8k_reward, length_rewards, math_equal, math_reward, overlong_penalty,
+                     addition_steps, arithmetic_steps, task_steps)
 
 
 def within(limit, call):
@@ -239,14 +240,17 @@ def _verifier_calls(text):
             lambda: math_equal(text[:400], "2") if len(text) > 400 else None, lambda: gsm8k_reward(text, "72"),
             lambda: gsm8k_reward("<answer>3</answer>", text), lambda: math_reward(f"<answer>{text}</answer>", "1/2"),
             lambda: countdown_reward(f"<answer>{text}</answer>", [1, 2, 3], 6), lambda: format_reward(text),
-            lambda: addition_reward(text, {"answer": "85"})]
+            lambda: addition_reward(text, {"answer": "85"}),
+            # step verifiers (process supervision): the same guarantees
+            lambda: addition_steps(text, {"a": 47, "b": 38, "answer": "85"}), lambda: arithmetic_steps(text),
+            lambda: task_steps("gsm8k", text, {"answer": "72"})]
 
 
 @pytest.mark.parametrize("text", HOSTILE, ids=range(len(HOSTILE)))
 def test_hostile_input_never_raises_and_returns_within_a_second(text):
     for call in _verifier_calls(text):
         result = within(1.0, call)
-        assert result is None or isinstance(result, (bool, float, str))
+        assert result is None or isinstance(result, (bool, float, str, list))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -312,3 +316,25 @@ def test_no_alarm_left_behind():
     after, _ = signal.getitimer(signal.ITIMER_REAL)
     assert (after == 0.0) if delay == 0.0 else (0.0 < after < delay)  # none, or the caller's own (pytest-timeout's)
     assert signal.getsignal(signal.SIGALRM) is handler
+
+
+# ---- step verifiers (process supervision) --------------------------------------------------------
+def test_addition_steps_score_each_column():
+    ex = {"question": "47+38", "answer": "85", "a": 47, "b": 38}
+    right, sloppy = addition_trace(47, 38), addition_trace(47, 38, carry_written=0)
+    assert [r for _, r in addition_steps(right, ex)] == [1.0, 1.0, 1.0]
+    assert [r for _, r in addition_steps(sloppy, ex)] == [1.0, 0.0, 0.0]
+    ends = [e for e, _ in addition_steps(right, ex)]
+    assert right[:ends[0]].endswith("7+8=15") and right[:ends[1]].endswith("4+3+1=8") and ends[2] == len(right)
+    wrong_units = "<think>7+8=14,4+3+1=8</think><answer>85</answer>"  # lucky answer, wrong first step
+    assert [r for _, r in addition_steps(wrong_units, ex)] == [0.0, 1.0, 1.0]
+    assert addition_steps("<answer>85</answer>", ex) == [(len("<answer>85</answer>"), 1.0)]  # no trace: one step
+
+
+def test_arithmetic_steps_free_text():
+    text = "Natalia sold 48/2 = <<48/2=24>>24 clips in May. Altogether 48+24 = <<48+24=72>>72. So 2 x 3 = 7."
+    assert [r for _, r in arithmetic_steps(text)] == [1.0, 1.0, 0.0]
+    assert [r for _, r in arithmetic_steps("1,200 - 200 = 1,000 and 7 ÷ 2 = 3.5 and 5/0 = 1")] == [1.0, 1.0, 0.0]
+    assert arithmetic_steps("no arithmetic here") == []
+    steps = task_steps("gsm8k", "3*4=12 <answer>12</answer>", {"answer": "12"})
+    assert [r for _, r in steps] == [1.0, 1.0]  # the final answer is the last step
