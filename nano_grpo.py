@@ -15,6 +15,20 @@ One training step:
      PPO-clipped token loss with a k3 KL penalty to the frozen starting model [GRPO-OBJ]
   5. copy the new weights into the vLLM engine, so the next rollouts come from them.
 
+Chapter map, in the chapter's order (search for the label to find the line):
+  [R-BIN]         score_samples: rewards.py grades each answer 1/0
+  [PG]            clipped_policy_loss: at ratio 1 its gradient is REINFORCE with a baseline
+  [RATIO]         clipped_policy_loss: rho = pi_theta / pi_old, per token
+  [PPO-CLIP]      clipped_policy_loss: min(rho*A, clip(rho)*A)
+  [GRPO-OBJ]      train_on_batch: clipped term - beta * KL, averaged over answers
+  [KL-K3]         k3_kl: the KL estimate in the loss
+  [GRPO-ADV]      group_advantages: (r - mean) / (std + 1e-4) within each group
+  [PG-TOKEN-LOSS] loss_weights + train_on_batch: masked token losses, one whole-batch normaliser
+  [GRPO-PS]       process_advantages: per-step rewards (--supervision process)
+  [DR-GRPO]       group_advantages(scale="none") and loss_weights("seq-mean-token-sum-norm")
+  [R-FORMAT]      score_samples: rewards.task_reward adds format_weight * format_reward
+  [R-LEN]         score_samples: Kimi's length reward (--length_reward)
+
 Simplifications, said up front (as nanochat does):
   - One rollout batch -> `num_iterations` optimizer steps over the whole batch (default 1, so the
     PPO ratio is exactly 1 and the clip never binds: GRPO becomes REINFORCE with a group baseline).
@@ -293,6 +307,8 @@ def _installed(dist: str) -> bool:
 # ================================================================================================
 def score_samples(samples: list[dict], examples: list[dict], cfg: Config, tokenizer, group_size: int):
     """Fills sample['reward'] and its components; examples[i] is the question of group i."""
+    # [R-BIN] correct = 1 if a program says the answer is right, else 0; [R-FORMAT] adds
+    # format_weight * 1 for <think>...</think><answer>...</answer> (rewards.task_reward)
     for i, s in enumerate(samples):
         s["text"] = tokenizer.decode(s["response_ids"], skip_special_tokens=False).removesuffix(tokenizer.eos_token)
         s["reward"], s["components"] = rewards.task_reward(cfg.task, s["text"], examples[i // group_size], cfg.format_weight)
@@ -451,6 +467,8 @@ def clipped_policy_loss(logp, old_logp, advantages, epsilon: float, epsilon_high
     [RATIO]    rho = pi_theta / pi_old = exp(logp - old_logp)
     [PPO-CLIP] min(rho*A, clip(rho)*A): for A > 0 the gain stops past 1+eps_high, for A < 0 the
                penalty stops below 1-eps; there the gradient is zero.
+    [PG]       at rho = 1 (one update per rollout) the gradient is -A * grad log pi: REINFORCE
+               with the group mean as baseline.
     """
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages

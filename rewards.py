@@ -912,7 +912,7 @@ def trl_reward_func(task_name: str, format_weight: float = 0.1) -> Callable[...,
     return reward
 
 
-def compute_score(data_source: str, solution_str: str, ground_truth, extra_info=None) -> float:
+def compute_score(data_source: str, solution_str: str, ground_truth, extra_info=None, **kwargs) -> float:
     """verl's custom reward function form (custom_reward_function.path=rewards.py, name=compute_score):
     the same total as task_reward, chosen by data_source: '...gsm8k' and '...MATH...' (ground_truth the
     answer), '...countdown...' (ground_truth {'target', 'numbers'}), '...mbpp...' (ground_truth the

@@ -32,7 +32,7 @@ def run_ours(rollout: str, steps: int, extra: list[str]) -> dict:
     wall = time.time() - t0
     if proc.returncode != 0:
         sys.exit(f"{rollout} run failed:\n{proc.stderr[-2000:]}")
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][2:]  # skip warm-up steps
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][3:]  # row 0: eval; 2 warm-up steps
     mean = lambda k: statistics.mean(r[k] for r in rows)
     parts = {k: mean(f"time_{k}") for k in ("rollout", "reward", "train", "sync")}
     tokens = statistics.mean(r["response_len"] for r in rows) * 16 * 8
