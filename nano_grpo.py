@@ -620,14 +620,13 @@ def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config, eos_id: i
 
 
 def plot_metrics(jsonl_path: str, png_path: str, keys: list[str]):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's (e.g. a notebook's) backend alone
     rows = [json.loads(line) for line in open(jsonl_path)]
     keys = [k for k in keys if any(k in r for r in rows)]
     cols = min(4, len(keys))
     rows_n = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 2.6 * rows_n))
+    axes = fig.subplots(rows_n, cols, squeeze=False)
     for ax in axes.flat[len(keys):]:
         ax.axis("off")
     for ax, k in zip(axes.flat, keys):
@@ -637,7 +636,6 @@ def plot_metrics(jsonl_path: str, png_path: str, keys: list[str]):
         ax.set_xlabel("step", fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
 
 
 def save_checkpoint(cfg: Config, step: int, model, tokenizer, optimizer, state: dict):
