@@ -110,6 +110,7 @@ class Config:
     micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for the trainer (GPU)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU)"})
+    fsdp: bool = field(default=False, metadata={"help": "torchrun: shard weights, gradients and optimizer state over ranks (FSDP2)"})
     # vLLM engine
     gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM's share of GPU memory"})
     vllm_sleep: bool = field(default=False, metadata={"help": "free vLLM's GPU memory while training (one card holds both)"})
@@ -168,6 +169,10 @@ def parse_config(argv=None) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             sys.exit(f"error: --{key} {getattr(cfg, key)!r} is not one of: {', '.join(allowed)}")
+    if cfg.fsdp and ("RANK" not in os.environ or cfg.rollout != "vllm" or cfg.dynamic_sampling
+                     or cfg.prompts_per_step % int(os.environ.get("WORLD_SIZE", 1))):
+        sys.exit("error: --fsdp needs torchrun, --rollout vllm, no --dynamic_sampling, and prompts_per_step divisible "
+                 "by the number of ranks (every rank must run the same number of forward passes)")
     if cfg.group_size < 2 and cfg.adv_estimator in ("grpo", "rloo"):
         sys.exit(f"error: --group_size {cfg.group_size}: a group advantage needs G >= 2 answers per question")
     why = "--preset" if args.preset else f"default: {'a' if torch.cuda.is_available() else 'no'} CUDA GPU is present"
@@ -269,7 +274,7 @@ def sync_weights(llm, model):
     reached into vLLM's private internals and broke with its V1 engine.) Cached prompt KV came from
     the old weights, so the prefix cache is reset too.
     """
-    weights = [(name, p.detach()) for name, p in model.state_dict().items()]
+    weights = [(name, full_tensor(p)) for name, p in model.state_dict().items()]
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
 
@@ -285,6 +290,8 @@ def check_engine_weights(llm, model, probe: list[int], atol: float) -> float:
     ids = torch.tensor([probe], device=next(model.parameters()).device)
     with torch.no_grad():
         trainer_logp = token_logprobs(model, ids, torch.ones_like(ids), 1.0)[0].cpu()
+    if hasattr(model, "reshard"):
+        model.reshard()  # --fsdp: a forward without backward leaves the root's weights gathered
     gap = (engine_logp - trainer_logp).abs().max().item()
     if gap > atol:
         import importlib.metadata as md
@@ -513,6 +520,8 @@ def train_on_batch(model, ref_model, optimizer, samples, advantages, cfg: Config
         adv = advantages.to(device)[:, None] * mask  # [B, T]: every token carries its answer's advantage
     n_seqs, n_tokens = all_ranks_sum(torch.tensor([float(len(samples)), mask.sum().item()], device=device)).tolist()
     weights = loss_weights(mask, cfg.loss_agg, cfg.max_new_tokens, n_seqs, n_tokens)  # whole-batch normaliser
+    if hasattr(model, "reshard"):  # --fsdp averages gradients over ranks; we want their sum
+        weights = weights * dist.get_world_size()
     micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(samples), cfg.micro_batch_size)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
@@ -556,7 +565,7 @@ def train_on_batch(model, ref_model, optimizer, samples, advantages, cfg: Config
                                   loss.detach()])
             stats[4] = torch.maximum(stats[4], gap.max())
         all_reduce_gradients(model)  # torchrun: what DDP does, written out; no-op in one process
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
         optimizer.step()
         if it == 0:  # metrics of the first pass: the one that saw the rollout policy
             stats = all_ranks_sum(stats, max_index=4)
@@ -638,14 +647,14 @@ def plot_metrics(jsonl_path: str, png_path: str, keys: list[str]):
     fig.savefig(png_path, dpi=110)
 
 
-def save_checkpoint(cfg: Config, step: int, model, tokenizer, optimizer, state: dict):
+def save_checkpoint(cfg: Config, step: int, model, tokenizer, model_state, optimizer_state, state: dict):
     """Written to a temp folder, then renamed: a checkpoint is whole or absent, never half."""
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=model_state)  # model_state None: the model's own
     tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state(),
+    torch.save({"optimizer": optimizer_state, "step": step, "rng": torch.get_rng_state(),
                 "py_rng": random.getstate(), **state}, os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -692,9 +701,34 @@ def all_ranks_sum(t: torch.Tensor, max_index: int | None = None) -> torch.Tensor
 def all_reduce_gradients(model):
     """Sum every rank's gradient. Each rank's loss already used the whole batch's normaliser
     (loss_weights), so the sum IS the single-process gradient of the whole batch."""
-    if dist.is_initialized():
+    if dist.is_initialized() and not hasattr(model, "reshard"):  # (FSDP reduces its own gradients)
         for p in model.parameters():
             dist.all_reduce(p.grad)
+
+
+def shard(model, ref_model):
+    """--fsdp (FSDP2): each rank keeps 1/N of every decoder layer's weights, gradients and AdamW
+    state, gathering a layer's full weights just for its forward and backward."""
+    from torch.distributed.fsdp import fully_shard
+    for m in (model, ref_model):
+        if m is not None:
+            for layer in m.model.layers:
+                fully_shard(layer)
+            fully_shard(m)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP) tensor gathered whole on every rank -- call it on all ranks; else as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
+
+
+def full_state(model, optimizer) -> tuple:
+    """(model, optimizer) state dicts for a checkpoint; under --fsdp gathered from all ranks."""
+    if not hasattr(model, "reshard"):
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    model_state = {k: full_tensor(v).cpu() for k, v in model.state_dict().items()}
+    return model_state, get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def end_distributed(engine):
@@ -708,6 +742,7 @@ def end_distributed(engine):
 def main(cfg: Config):
     rank, world = setup_distributed()  # (0, 1) unless launched by torchrun
     is_main = rank == 0
+    print_main = print if is_main else (lambda *a: None)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -727,6 +762,8 @@ def main(cfg: Config):
     if cfg.beta > 0:  # the frozen starting point that the KL keeps us near; never loaded when beta = 0
         ref_model = copy.deepcopy(model) if not resume_from else load_model(cfg.model, cfg)[0].to(device)
         ref_model.eval().requires_grad_(False)
+    if cfg.fsdp:
+        shard(model, ref_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_of = lambda ex: tokenizer.encode(rewards.build_prompt(cfg.task, ex, tokenizer), add_special_tokens=False)
@@ -736,7 +773,6 @@ def main(cfg: Config):
     sync_atol = 5e-2 if cfg.bf16 else 1e-4  # bf16 rounding vs fp32: see check_engine_weights
     if cfg.rollout == "vllm":
         engine = start_vllm(cfg, cfg.model if cfg.offline_rollouts else resume_from or cfg.model, cfg.seed)
-        print_main = print if is_main else (lambda *a: None)
         if not cfg.offline_rollouts:
             print_main(f"vLLM engine up; its log-probs match the trainer's within {check_engine_weights(engine, model, probe, sync_atol):.1g}")
     if cfg.offline_rollouts:  # offline RFT: answers always come from the starting model; eval uses ours
@@ -746,14 +782,19 @@ def main(cfg: Config):
     start_step, state, metrics_path = 0, {}, os.path.join(cfg.output_dir, "metrics.jsonl")
     if resume_from:
         state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state.pop("optimizer"))
+        if cfg.fsdp:  # the full optimizer state, sliced to this rank's shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, state.pop("optimizer"),
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        else:
+            optimizer.load_state_dict(state.pop("optimizer"))
         torch.set_rng_state(state.pop("rng"))
         random.setstate(state.pop("py_rng"))
         start_step = state.pop("step")
         if is_main:
             rows = [line for line in open(metrics_path) if json.loads(line)["step"] <= start_step]
             open(metrics_path, "w").writelines(rows)  # drop what was logged after the checkpoint
-        print(f"resumed from {resume_from} at step {start_step}")
+        print_main(f"resumed from {resume_from} at step {start_step}")
     elif is_main:
         before = evaluate(eval_engine, model, tokenizer, eval_examples, eval_prompts, cfg, eos_id)
         state["acc_before"] = before["eval_acc"]
@@ -810,6 +851,8 @@ def main(cfg: Config):
         t["sync"] = time.time() - t0
         metrics.update({f"time_{k}": v for k, v in t.items()})
         # -- eval, log, checkpoint
+        save_now = (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.max_steps
+        checkpoint_state = full_state(model, optimizer) if save_now else None  # --fsdp: every rank gathers
         if not is_main:  # torchrun: rank 0 evaluates, logs and saves
             continue
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
@@ -820,8 +863,8 @@ def main(cfg: Config):
             wandb.log(metrics, step=step + 1)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                         **({"eval": f"{metrics['eval_acc']:.2f}"} if "eval_acc" in metrics else {}))
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.max_steps:
-            save_checkpoint(cfg, step + 1, model, tokenizer, optimizer, state)
+        if save_now:
+            save_checkpoint(cfg, step + 1, model, tokenizer, *checkpoint_state, state)
     if not is_main:
         return end_distributed(engine)
     log.close()

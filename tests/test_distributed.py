@@ -27,8 +27,8 @@ def one_step(samples, adv, cfg):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def full_batch(group_size=4):
-    samples = random_samples(n_groups=5, group_size=group_size, seed=7)
+def full_batch(group_size=4, n_groups=5):
+    samples = random_samples(n_groups=n_groups, group_size=group_size, seed=7)
     return samples, G.group_advantages(torch.tensor([s["reward"] for s in samples]), group_size)
 
 
@@ -61,6 +61,30 @@ def test_two_ranks_update_equals_one_process(tmp_path):
         assert not torch.allclose(b0 - start, single - start, atol=1e-6)
 
 
+def fsdp_worker(rank, world, init_file, out_dir):
+    """--fsdp: 4 groups, 2 per rank (FSDP needs the same number of passes on every rank)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    samples, adv = full_batch(n_groups=4)
+    mine = [i for g in range(4)[rank::world] for i in range(g * 4, g * 4 + 4)]
+    for loss_agg in G.CHOICES["loss_agg"]:
+        model = random_model()
+        G.shard(model, None)
+        model.train()
+        cfg = G.Config(loss_agg=loss_agg, beta=0.0, max_grad_norm=1e9, micro_batch_size=3)
+        G.train_on_batch(model, None, torch.optim.SGD(model.parameters(), lr=1.0), [samples[i] for i in mine], adv[mine], cfg, 0)
+        params = torch.cat([G.full_tensor(p).flatten() for p in model.parameters()])
+        torch.save(params, os.path.join(out_dir, f"fsdp-{loss_agg}-rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_fsdp_update_equals_one_process(tmp_path):
+    mp.spawn(fsdp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    for loss_agg in G.CHOICES["loss_agg"]:
+        single = one_step(*full_batch(n_groups=4), G.Config(loss_agg=loss_agg, beta=0.0, max_grad_norm=1e9, micro_batch_size=3))
+        for r in (0, 1):
+            assert torch.allclose(torch.load(tmp_path / f"fsdp-{loss_agg}-rank{r}.pt"), single, atol=1e-6), loss_agg
+
+
 def test_shares_keep_groups_whole():
     """Each rank takes whole prompts; every prompt lands on exactly one rank, uneven counts too."""
     for n_prompts in (1, 5, 7, 16):
@@ -85,3 +109,18 @@ def test_torchrun_two_processes_run_and_log_once(tmp_path, script):
     if "answers" in rows[1]:
         assert rows[1]["answers"] == 5 * 4  # both ranks' groups are in the metrics
     assert proc.stdout.count("final: acc_before=") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(TINY_MODEL), reason="tiny model not built")
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None, reason="vLLM not installed")
+def test_fsdp_vllm_run_checkpoint_and_resume(tmp_path):
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+            os.path.join(ROOT, "nano_grpo.py"), "--fsdp", "--rollout", "vllm", "--prompts_per_step", "4",
+            "--group_size", "4", "--eval_size", "16", "--save_every", "2", "--output_dir", str(out)]
+    first = subprocess.run(base + ["--max_steps", "2"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(base + ["--max_steps", "3", "--resume"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
