@@ -232,8 +232,10 @@ def generate(engine, prompts: list[list[int]], n: int, temperature: float, max_t
     """n answers per prompt, grouped: the answers to prompt i are rows i*n .. i*n+n-1."""
     if not isinstance(engine, torch.nn.Module):  # a vllm.LLM
         from vllm import SamplingParams, TokensPrompt
-        params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed,
-                                logprobs=0, detokenize=False)  # logprobs=0: just the sampled token's
+        # One seed PER QUESTION: with a single seed shared by the batch, every question would draw
+        # the same random numbers, and their samples would be correlated instead of independent.
+        params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed * 100_003 + i,
+                                 logprobs=0, detokenize=False) for i in range(len(prompts))]  # logprobs=0: the sampled token's
         outputs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [dict(prompt_ids=list(p), response_ids=list(o.token_ids), truncated=o.finish_reason == "length",
                      rollout_logprobs=[next(iter(d.values())).logprob for d in o.logprobs] if o.logprobs else None)

@@ -164,3 +164,15 @@ def test_sync_check_catches_a_stale_engine(tiny, llm):
         G.check_engine_weights(llm, model, prompts[0], 1e-4)
     G.sync_weights(llm, model)  # the real sync fixes it
     assert G.check_engine_weights(llm, model, prompts[0], 1e-4) < 1e-4
+
+
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=has_vllm)])
+def test_questions_are_sampled_independently(tiny, engine, request):
+    """The same question asked 24 times in one batch must not get one shared random stream (a
+    single vLLM seed for the whole batch did that: every copy got the same answer)."""
+    model, tok, prompts = tiny
+    eng = model if engine == "hf" else request.getfixturevalue("llm")
+    carry = next(p for p, ex in zip(prompts, G.rewards.load_task("addition", "test", n=6))
+                 if ex["a"] % 10 + ex["b"] % 10 >= 10)  # a carry question: the model hesitates
+    answers = G.generate(eng, [carry] * 24, 1, 1.0, 32, tok.eos_token_id, seed=0)
+    assert len({tuple(s["response_ids"]) for s in answers}) > 1
