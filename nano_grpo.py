@@ -85,6 +85,7 @@ class Config:
     rollout: str = field(default="vllm", metadata={"help": "vllm | hf (model.generate: slower, no vLLM needed; the default where vLLM is missing)"})
     prompts_per_step: int = field(default=16, metadata={"help": "questions per step"})
     group_size: int = field(default=8, metadata={"help": "G: answers sampled per question"})
+    think_mode: str = field(default="", metadata={"help": "Qwen 3 soft switch added to each training question: '' | think | no_think | both (alternate)"})
     max_new_tokens: int = field(default=32, metadata={"help": "answer length limit"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
     # reward
@@ -143,7 +144,7 @@ PRESETS = {
 PRESET_ABOUT = {"cpu-demo": "the shipped tiny model on offline 2-digit addition, on CPU",
                 "gpu": "Qwen2.5-0.5B-Instruct on GSM8K, one GPU",
                 "gpu-countdown": "Qwen2.5-3B on Countdown, nano-aha-moment's recipe, one 80 GB GPU"}
-CHOICES = {"rollout": ["vllm", "hf"], "supervision": ["outcome", "process"], "adv_estimator": ["grpo", "rloo", "rft"], "scale_rewards": ["group", "none"],
+CHOICES = {"rollout": ["vllm", "hf"], "think_mode": ["", "think", "no_think", "both"], "supervision": ["outcome", "process"], "adv_estimator": ["grpo", "rloo", "rft"], "scale_rewards": ["group", "none"],
            "loss_agg": ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]}
 
 
@@ -621,11 +622,18 @@ def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config, eos_id: i
         out[f"eval_pass@{cfg.pass_k}"] = accuracy(generate(engine, prompts, cfg.pass_k, cfg.temperature, cfg.max_new_tokens, eos_id, cfg.seed), cfg.pass_k)
     if cfg.think_budget >= 0:  # Qwen 3: stop thinking after N tokens, close </think>, let it answer
         first = generate(engine, prompts, 1, 0.0, cfg.think_budget, eos_id, cfg.seed) if cfg.think_budget else \
-            [dict(response_ids=[]) for _ in prompts]
-        close = tokenizer.encode("</think>", add_special_tokens=False)
-        cut = [f["response_ids"] + ([] if "</think>" in tokenizer.decode(f["response_ids"]) else close) for f in first]
-        second = generate(engine, [p + c for p, c in zip(prompts, cut)], 1, 0.0, cfg.max_new_tokens, eos_id, cfg.seed)
-        out["eval_acc_budget"] = accuracy([dict(response_ids=c + s["response_ids"]) for c, s in zip(cut, second)], 1)
+            [dict(response_ids=[], truncated=True) for _ in prompts]
+
+        def closed(ids):  # close the think block (open it first if the budget left none)
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            add = "" if "</think>" in text else "</think>" if "<think>" in text else "<think></think>"
+            return ids + tokenizer.encode(add, add_special_tokens=False)
+        answers = [closed(f["response_ids"]) if f["truncated"] else f["response_ids"] for f in first]
+        todo = [i for i, f in enumerate(first) if f["truncated"]]  # answers not finished within the budget
+        rest = generate(engine, [prompts[i] + answers[i] for i in todo], 1, 0.0, cfg.max_new_tokens, eos_id, cfg.seed)
+        for i, r in zip(todo, rest):
+            answers[i] = answers[i] + r["response_ids"]
+        out["eval_acc_budget"] = accuracy([dict(response_ids=a) for a in answers], 1)
     model.train(was_training)
     return out
 
@@ -768,7 +776,10 @@ def main(cfg: Config):
         shard(model, ref_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompt_of = lambda ex: tokenizer.encode(rewards.build_prompt(cfg.task, ex, tokenizer), add_special_tokens=False)
+    def prompt_of(ex, i=0, mode=""):  # Qwen 3: " /think" or " /no_think" after the question picks the mode
+        mode = {"both": ("think", "no_think")[i % 2]}.get(mode, mode)
+        ex = {**ex, "question": ex["question"] + (f" /{mode}" if mode else "")}
+        return tokenizer.encode(rewards.build_prompt(cfg.task, ex, tokenizer), add_special_tokens=False)
     eval_prompts = [prompt_of(ex) for ex in eval_examples]
 
     engine, probe = model, eval_prompts[0]  # probe: a prompt for the weight-sync check
@@ -823,7 +834,7 @@ def main(cfg: Config):
             tries += 1
             batch_ex = rng.sample(train_examples, cfg.prompts_per_step)[rank::world]  # torchrun: my share
             t0 = time.time()
-            new = generate(engine, [prompt_of(ex) for ex in batch_ex], cfg.group_size, cfg.temperature,
+            new = generate(engine, [prompt_of(ex, i, cfg.think_mode) for i, ex in enumerate(batch_ex)], cfg.group_size, cfg.temperature,
                            cfg.max_new_tokens, eos_id, seed=(cfg.seed * 1_000_003 + step) * 7 + tries + 1000 * rank)
             t["rollout"] += time.time() - t0
             t0 = time.time()

@@ -42,6 +42,11 @@ STUDIES = {
         "cold-start": ("nano_grpo.py", []),
         "r1-zero": ("nano_grpo.py", ["--model", "assets/tiny-addition-base"]),
     },
+    # Qwen 3: one model, two modes; accuracy against the thinking budget, before and after RL.
+    "think_budget": {
+        "think-only": ("nano_grpo.py", ["--model", "assets/tiny-addition-fusion"]),
+        "both-modes": ("nano_grpo.py", ["--model", "assets/tiny-addition-fusion", "--think_mode", "both"]),
+    },
     # Kimi k1.5 length reward and DAPO's overlong penalty; Dr. GRPO's length bias of per-answer means.
     "length": {
         "plain": ("nano_grpo.py", []),
@@ -52,8 +57,39 @@ STUDIES = {
 }
 
 
+BUDGETS = [0, 2, 4, 6, 8, 10, 12, 14, 16, 32]  # thinking tokens allowed (the full trace is ~16)
+
+
+def think_budget_eval(model_path: str, seed: int) -> dict:
+    """Qwen 3's test-time compute control on the fusion model: held-out greedy accuracy in thinking
+    mode, in no-think mode (" /no_think"), and with thinking cut after N tokens."""
+    sys.path.insert(0, ROOT)
+    import nano_grpo as G
+    cfg = G.Config(eval_size=200, seed=seed)
+    model, tok = G.load_model(model_path, cfg)
+    examples = G.rewards.load_task("addition", "test", n=cfg.eval_size, seed=seed)
+    prompt = lambda ex, sfx: tok.encode(G.rewards.build_prompt("addition", {**ex, "question": ex["question"] + sfx}, tok),
+                                        add_special_tokens=False)
+    out = {"think": G.evaluate(model, model, tok, examples, [prompt(e, "") for e in examples], cfg, tok.eos_token_id)["eval_acc"],
+           "no_think": G.evaluate(model, model, tok, examples, [prompt(e, " /no_think") for e in examples], cfg, tok.eos_token_id)["eval_acc"]}
+    for budget in BUDGETS:
+        cfg.think_budget = budget
+        out[f"budget_{budget}"] = G.evaluate(model, model, tok, examples, [prompt(e, "") for e in examples], cfg,
+                                             tok.eos_token_id)["eval_acc_budget"]
+    return out
+
+
 def run(script: str, flags: list[str], seed: int, out_file: str) -> dict:
-    out_dir = tempfile.mkdtemp(prefix="study-")
+    if out_file.endswith(".json"):  # think_budget: train, keep the checkpoint, evaluate before and after
+        keep = tempfile.mkdtemp(prefix="study-")
+        info = run(script, flags, seed, os.path.join(keep, "metrics.jsonl.copy"))
+        model = flags[flags.index("--model") + 1]
+        after = os.path.join(keep, "run", open(os.path.join(keep, "run", "latest")).read().strip())
+        json.dump({"before": think_budget_eval(os.path.join(ROOT, model), seed), "after": think_budget_eval(after, seed),
+                   "budgets": BUDGETS}, open(out_file, "w"), indent=1)
+        shutil.rmtree(keep, ignore_errors=True)
+        return info
+    out_dir = tempfile.mkdtemp(prefix="study-") if not out_file.endswith(".copy") else os.path.join(os.path.dirname(out_file), "run")
     cmd = [sys.executable, script, *SHORT, *flags, "--seed", str(seed), "--output_dir", out_dir]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -61,7 +97,8 @@ def run(script: str, flags: list[str], seed: int, out_file: str) -> dict:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     os.makedirs(os.path.dirname(out_file), exist_ok=True)
     shutil.copy(os.path.join(out_dir, "metrics.jsonl"), out_file)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    if not out_file.endswith(".copy"):
+        shutil.rmtree(out_dir, ignore_errors=True)
     return {"cmd": " ".join(["python", *cmd[1:-2]]), "seconds": round(time.time() - t0, 1),
             "final": proc.stdout.strip().splitlines()[-1]}
 
@@ -81,7 +118,8 @@ def main():
             tqdm.write(f"skip {study}/{variant}: {script} or its model is missing")
             continue
         key = f"{study}/{variant}-s{seed}"
-        meta["runs"][key] = run(script, flags, seed, os.path.join(RESULTS, study, f"{variant}-s{seed}.jsonl"))
+        ext = "json" if study == "think_budget" else "jsonl"
+        meta["runs"][key] = run(script, flags, seed, os.path.join(RESULTS, study, f"{variant}-s{seed}.{ext}"))
         tqdm.write(f"{key}: {meta['runs'][key]['final']} ({meta['runs'][key]['seconds']} s)")
         meta.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
