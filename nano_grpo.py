@@ -708,11 +708,12 @@ def all_ranks_sum(t: torch.Tensor, max_index: int | None = None) -> torch.Tensor
     return t
 
 
-def all_reduce_gradients(model):
+def all_reduce_gradients(*models):
     """Sum every rank's gradient. Each rank's loss already used the whole batch's normaliser
     (loss_weights), so the sum IS the single-process gradient of the whole batch."""
-    if dist.is_initialized() and not hasattr(model, "reshard"):  # (FSDP reduces its own gradients)
-        for p in model.parameters():
+    if dist.is_initialized():
+        params = {id(p): p for m in models if not hasattr(m, "reshard") for p in m.parameters()}  # FSDP reduces its own
+        for p in params.values():  # each parameter once, even if two models share it
             dist.all_reduce(p.grad)
 
 
