@@ -124,3 +124,40 @@ def test_fsdp_vllm_run_checkpoint_and_resume(tmp_path):
     again = subprocess.run(base + ["--max_steps", "3", "--resume"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def ppo_step(samples, cfg):
+    """One PPO step (1 epoch, 1 mini-batch, SGD lr=1) from the same random policy and critic."""
+    import nano_ppo as P
+    torch.manual_seed(0)
+    model, ref = random_model(), random_model(seed=1)
+    critic = P.build_critic(model)
+    torch.nn.init.normal_(critic.head.weight, std=0.1)  # values that are not all 0
+    model.train(), critic.train()
+    P.train_on_batch(model, ref, critic, torch.optim.SGD(model.parameters(), lr=1.0),
+                     torch.optim.SGD(critic.parameters(), lr=1.0), samples, cfg, pad_id=0, beta=cfg.beta)
+    return torch.cat([p.detach().flatten() for m in (model, critic) for p in m.parameters()])
+
+
+def ppo_worker(rank, world, init_file, out_dir):
+    import nano_ppo as P
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    samples, _ = full_batch()
+    mine = [i for g in rank_groups(rank) for i in range(g * 4, g * 4 + 4)]  # uneven: 12 and 8 answers
+    real = P.all_reduce_gradients
+    for drop in (False, True):
+        P.all_reduce_gradients = (lambda *models: None) if drop else real
+        cfg = P.Config(beta=0.1, ppo_epochs=1, num_mini_batches=1, max_grad_norm=1e9, micro_batch_size=3)
+        torch.save(ppo_step([samples[i] for i in mine], cfg), os.path.join(out_dir, f"ppo-{drop}-rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ppo_two_ranks_update_equals_one_process(tmp_path):
+    import nano_ppo as P
+    mp.spawn(ppo_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    single = ppo_step(full_batch()[0], P.Config(beta=0.1, ppo_epochs=1, num_mini_batches=1, max_grad_norm=1e9,
+                                                micro_batch_size=3))
+    r0, r1 = (torch.load(tmp_path / f"ppo-False-rank{r}.pt") for r in (0, 1))
+    assert torch.allclose(r0, single, atol=1e-5) and torch.allclose(r1, single, atol=1e-5)
+    b0, b1 = (torch.load(tmp_path / f"ppo-True-rank{r}.pt") for r in (0, 1))
+    assert not torch.allclose(b0, b1, atol=1e-5) and not torch.allclose(b0, single, atol=1e-5)
