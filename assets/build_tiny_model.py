@@ -1,6 +1,6 @@
-"""build_tiny_model.py - build the tiny model nano-rlvr ships at assets/tiny-addition/.
+"""build_tiny_model.py - build the tiny models nano-rlvr ships: assets/tiny-addition/ and its variants.
 
-    python assets/build_tiny_model.py [--out DIR] [--seed 0] [--steps N]
+    python assets/build_tiny_model.py [--variant cold-start|think-fusion|base] [--out DIR] [--seed 0]
 
 RL from verifiable rewards improves a policy that already *sometimes* gets the answer right:
 GRPO learns only from groups whose rewards differ. DeepSeek-R1 therefore starts with a small
@@ -20,6 +20,23 @@ without a carry right, and usually forgets the carry on the others - but it *sam
 carry often enough (T=1) that a GRPO group of 8 usually holds a correct answer. That is the
 mistake RL has to fix, and the trace shows whether it did. The build is byte-for-byte
 reproducible: the same seed gives the same model.safetensors.
+
+Three variants, same tokenizer, architecture and sloppy teacher (chapter 14.3's case studies):
+
+  cold-start    (default) -> assets/tiny-addition/: DeepSeek-R1's cold start, as described above.
+  think-fusion  -> assets/tiny-addition-fusion/: Qwen 3's thinking-mode fusion. The user turn
+                switches the mode, as in Qwen 3: "47+38" or "47+38 /think" -> the trace above;
+                "47+38 /no_think" -> "<think></think><answer>75</answer>" (an empty think block,
+                then the answer the sloppy trace would have reached). The switch is one space and
+                one token, so the prompt is <|user|>47+38 /no_think<|assistant|>. SFT mixes 70%
+                no suffix, 10% " /think", 20% " /no_think". At test time the think block can be
+                cut at a budget (nano_grpo.py --think_budget N: N tokens, then </think>); a
+                1M model does not pick that up from the two modes alone, so 10 of the 70 points
+                are traces cut at a random length with the forced </think>, the answer learned.
+  base          -> assets/tiny-addition-base/: DeepSeek-R1-Zero's starting point. Pre-trained as a
+                plain language model (loss on every token) on documents of 1-4 lines such as
+                "47+38=75\n", the sloppy teacher's sums with no trace; it never sees the chat or
+                reasoning tags. It continues "47+38=" with a number, but knows no format.
 """
 from __future__ import annotations
 
@@ -64,6 +81,14 @@ CHAT_TEMPLATE = (
 MAX_LEN = 128
 # A well-formed completion: the think block, a numeric answer, then the end of the text.
 WELL_FORMED = re.compile(r"<think>[^<]*</think><answer>\d+</answer><\|endoftext\|>")
+NO_THINK_FORMED = re.compile(r"<think></think><answer>\d+</answer><\|endoftext\|>")
+# think-fusion: the user-turn suffix that picks the mode (Qwen 3's soft switches)
+THINK, NO_THINK = " /think", " /no_think"
+VARIANTS = {  # variant -> (default output folder, default SFT steps)
+    "cold-start": ("tiny-addition", 600),
+    "think-fusion": ("tiny-addition-fusion", 800),
+    "base": ("tiny-addition-base", 600),
+}
 
 
 def build_tokenizer() -> Qwen2Tokenizer:
@@ -91,8 +116,9 @@ def build_model(vocab_size: int, seed: int) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
-def prompt(a: int, b: int) -> str:
-    return f"<|user|>{a}+{b}<|assistant|>"  # what the chat template renders (checked in main)
+def prompt(a: int, b: int, suffix: str = "") -> str:
+    """What the chat template renders for the user turn f"{a}+{b}{suffix}" (checked in main)."""
+    return f"<|user|>{a}+{b}{suffix}<|assistant|>"
 
 
 def teacher(a: int, b: int, rng: random.Random, p_carry: float) -> str:
@@ -102,13 +128,71 @@ def teacher(a: int, b: int, rng: random.Random, p_carry: float) -> str:
     return addition_trace(a, b)
 
 
-def sft_batch(tok, pairs, rng, p_carry):
-    """Right-padded (input_ids, labels); labels are -100 on the prompt and the padding."""
+def without_thinking(trace: str) -> str:
+    """The /no_think form of a trace: an empty think block, then the same answer."""
+    return "<think></think>" + trace[trace.index("<answer>"):]
+
+
+# ---- training data, one function per variant: rows of (input_ids, labels) ----------------------
+# take(n) hands out the next n train pairs (a fresh shuffle each epoch); rng is the build's one
+# random stream (data order, the teacher's coin flips, the mode switch).
+def cold_start_rows(tok, take, rng, args):
+    """Chat SFT: the prompt is masked (-100); the completion and its EOS are learned."""
     rows = []
-    for a, b in pairs:
+    for a, b in take(args.batch_size):
         p = tok.encode(prompt(a, b))
-        c = tok.encode(teacher(a, b, rng, p_carry)) + [tok.eos_token_id]  # learn to stop
+        c = tok.encode(teacher(a, b, rng, args.p_carry)) + [tok.eos_token_id]  # learn to stop
         rows.append((p + c, [-100] * len(p) + c))
+    return rows
+
+
+def fusion_rows(tok, take, rng, args):
+    """Chat SFT with the mode switched in the user turn: no suffix or /think -> the trace,
+    /no_think -> the same teacher's answer right after an empty think block.
+
+    A share p_budget of all rows (no suffix) is cut the way a thinking budget cuts (nano_grpo.py
+    --think_budget k): the first k tokens of the trace (k = 0: not even <think>), then </think>.
+    That forced part is masked like the prompt; only the answer after it is learned, so the model
+    never learns to stop thinking early by itself, only to answer when it is made to."""
+    rows, close = [], tok.convert_tokens_to_ids("</think>")
+    shares = [(NO_THINK, args.p_no_think), (THINK, args.p_think), ("cut", args.p_budget)]
+    for a, b in take(args.batch_size):
+        u, mode = rng.random(), ""
+        for name, share in shares:
+            if u < share:
+                mode = name
+                break
+            u -= share
+        trace = teacher(a, b, rng, args.p_carry)
+        p = tok.encode(prompt(a, b, "" if mode == "cut" else mode))
+        c = tok.encode(without_thinking(trace) if mode == NO_THINK else trace) + [tok.eos_token_id]
+        if mode == "cut":  # move the budget-forced think prefix (and </think>) into the prompt
+            end = c.index(close)
+            k = rng.randint(0, end)  # end: all of the think block, cut just before </think>
+            p, c = p + c[:k] + [close], c[end + 1:]
+        rows.append((p + c, [-100] * len(p) + c))
+    return rows
+
+
+def base_rows(tok, take, rng, args):
+    """Plain-text pre-training: documents of 1..max_lines lines "a+b=sum\\n" (the teacher's sum,
+    no trace, no tags), then EOS; the loss is on every token, as in pre-training."""
+    rows = []
+    for _ in range(args.batch_size):
+        lines = []
+        for a, b in take(rng.randint(1, args.max_lines)):
+            answer = re.search(r"<answer>(\d+)</answer>", teacher(a, b, rng, args.p_carry)).group(1)
+            lines.append(f"{a}+{b}={answer}\n")
+        ids = tok.encode("".join(lines)) + [tok.eos_token_id]
+        rows.append((ids, ids))
+    return rows
+
+
+ROWS = {"cold-start": cold_start_rows, "think-fusion": fusion_rows, "base": base_rows}
+
+
+def pad_rows(tok, rows):
+    """Right-padded (input_ids, labels); labels are -100 on the padding."""
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _ in rows])
     labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in rows])
@@ -124,13 +208,18 @@ def sft(model, tok, args) -> None:
         opt, lambda s: min((s + 1) / warmup, (args.steps - s) / (args.steps - warmup)))
     model.train()
     order: list[tuple[int, int]] = []
-    bar = tqdm(range(args.steps), desc="SFT")
-    for step in bar:
-        if len(order) < args.batch_size:  # a fresh shuffle of the train pairs each epoch
+
+    def take(n: int) -> list[tuple[int, int]]:
+        nonlocal order
+        if len(order) < n:  # a fresh shuffle of the train pairs each epoch
             order += rng.sample(train, len(train))
-        pairs, order = order[:args.batch_size], order[args.batch_size:]
-        ids, labels = sft_batch(tok, pairs, rng, args.p_carry)
-        # HF shifts the labels and averages over the completion tokens of the batch
+        pairs, order = order[:n], order[n:]
+        return pairs
+
+    bar = tqdm(range(args.steps), desc="SFT" if args.variant != "base" else "pre-train")
+    for step in bar:
+        ids, labels = pad_rows(tok, ROWS[args.variant](tok, take, rng, args))
+        # HF shifts the labels and averages over the labelled tokens of the batch
         loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -142,15 +231,16 @@ def sft(model, tok, args) -> None:
     model.eval()
 
 
+# ---- evaluation: held-out pairs only -----------------------------------------------------------
 @torch.no_grad()
-def generate(model, tok, pairs, n=1, temperature=0.0, batch_size=400) -> list[str]:
-    """Completions for each pair, n per pair, in order, up to and including the EOS."""
+def generate(model, tok, prompts, n=1, temperature=0.0, batch_size=400) -> list[str]:
+    """Completions of each prompt text, n per prompt, in order, up to and including the EOS."""
     out = []
     # top_k=0: sample from the whole softmax (HF's default would keep only the top 50 tokens)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) \
         if temperature > 0 else dict(do_sample=False)
-    for i in range(0, len(pairs), batch_size):
-        enc = tok([prompt(a, b) for a, b in pairs[i:i + batch_size]], return_tensors="pt",
+    for i in range(0, len(prompts), batch_size):
+        enc = tok(prompts[i:i + batch_size], return_tensors="pt",
                   padding=True, padding_side="left")  # generation continues on the right
         gen = model.generate(**enc, max_new_tokens=32, num_return_sequences=n, **sampling)
         for text in tok.batch_decode(gen[:, enc["input_ids"].shape[1]:]):
@@ -164,52 +254,105 @@ def is_correct(completion: str, a: int, b: int) -> bool:
     return m is not None and int(m.group(1)) == a + b
 
 
-def evaluate(model, tok, seed: int, group: int = 8) -> dict:
+def plain_sum_is_correct(completion: str, a: int, b: int) -> bool:
+    """For "a+b=" continued as plain text: the number it starts with."""
+    m = re.match(r"\d+", completion)
+    return m is not None and int(m.group()) == a + b
+
+
+def evaluate(model, tok, seed: int, to_prompt=prompt, check=is_correct, form=WELL_FORMED,
+             group: int = 8, sample: bool = True) -> dict:
     """Greedy accuracy on the held-out pairs, and T=1 sampling on those that carry."""
     test = addition_pairs("test")
-    greedy = generate(model, tok, test)
-    correct = [is_correct(c, a, b) for c, (a, b) in zip(greedy, test)]
+    greedy = generate(model, tok, [to_prompt(a, b) for a, b in test])
+    correct = [check(c, a, b) for c, (a, b) in zip(greedy, test)]
     carries = [a % 10 + b % 10 >= 10 for a, b in test]
     carry_pairs = [p for p, c in zip(test, carries) if c]
-    torch.manual_seed(seed)
-    sampled = generate(model, tok, carry_pairs, n=group, temperature=1.0)
-    hits = [is_correct(c, *carry_pairs[k // group]) for k, c in enumerate(sampled)]
-    return {
+    m = {
         "greedy_acc": sum(correct) / len(test),
         "greedy_acc_no_carry": sum(x for x, c in zip(correct, carries) if not c)
         / (len(test) - len(carry_pairs)),
         "greedy_acc_carry": sum(x for x, c in zip(correct, carries) if c) / len(carry_pairs),
-        "format": sum(WELL_FORMED.fullmatch(c) is not None for c in greedy) / len(test),
-        "sampled_acc_carry": sum(hits) / len(hits),
-        "group_has_correct": sum(any(hits[k:k + group]) for k in range(0, len(hits), group))
-        / len(carry_pairs),
+        "format": sum(form.fullmatch(c) is not None for c in greedy) / len(test),
+        "example": greedy[0],
     }
+    if sample:
+        torch.manual_seed(seed)
+        sampled = generate(model, tok, [to_prompt(a, b) for a, b in carry_pairs], n=group,
+                           temperature=1.0)
+        hits = [check(c, *carry_pairs[k // group]) for k, c in enumerate(sampled)]
+        m["sampled_acc_carry"] = sum(hits) / len(hits)
+        m["group_has_correct"] = sum(any(hits[k:k + group]) for k in range(0, len(hits), group)) \
+            / len(carry_pairs)
+    return m
+
+
+def report(name: str, m: dict) -> None:
+    line = (f"{name}: held-out greedy accuracy {m['greedy_acc']:.3f} (no carry "
+            f"{m['greedy_acc_no_carry']:.3f}, carry {m['greedy_acc_carry']:.3f}), "
+            f"well-formed {m['format']:.3f}, e.g. {m['example']!r}")
+    if "sampled_acc_carry" in m:
+        line += (f"\n  carry problems sampled at T=1: {m['sampled_acc_carry']:.3f} correct; "
+                 f"a group of 8 holds a correct answer {m['group_has_correct']:.3f} of the time")
+    print(line)
+
+
+def evaluate_variant(model, tok, args) -> None:
+    if args.variant == "cold-start":
+        report("chat", evaluate(model, tok, args.seed))
+    elif args.variant == "think-fusion":
+        report("think (no suffix)", evaluate(model, tok, args.seed))
+        report("think (/think)", evaluate(model, tok, args.seed, lambda a, b: prompt(a, b, THINK),
+                                          sample=False))
+        report("no-think (/no_think)", evaluate(
+            model, tok, args.seed, lambda a, b: prompt(a, b, NO_THINK), form=NO_THINK_FORMED))
+        # --think_budget 0: the thinking is cut before it starts: </think> right after the prompt
+        report("think budget 0 (prompt + </think>)", evaluate(
+            model, tok, args.seed, lambda a, b: prompt(a, b) + "</think>", sample=False,
+            form=re.compile(r"<answer>\d+</answer><\|endoftext\|>")))
+    else:
+        report("plain text 'a+b='", evaluate(model, tok, args.seed, lambda a, b: f"{a}+{b}=",
+                                             plain_sum_is_correct, form=re.compile(r"\d+\n.*", re.S)))
+        report("chat template (no format taught)", evaluate(model, tok, args.seed))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(REPO / "assets" / "tiny-addition"))
+    ap.add_argument("--variant", choices=list(VARIANTS), default="cold-start")
+    ap.add_argument("--out", default=None, help="default: assets/<the variant's folder>")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=None, help="default: the variant's")
+    ap.add_argument("--batch-size", type=int, default=64, help="sequences per step")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--p-carry", type=float, default=0.2, help="how often the teacher carries")
+    ap.add_argument("--p-think", type=float, default=0.1, help="think-fusion: share of ' /think'")
+    ap.add_argument("--p-no-think", type=float, default=0.2,
+                    help="think-fusion: share of ' /no_think' (the rest: no suffix)")
+    ap.add_argument("--p-budget", type=float, default=0.1,
+                    help="think-fusion: share of rows (no suffix) cut at a random thinking budget")
+    ap.add_argument("--max-lines", type=int, default=4, help="base: most lines per document")
     args = ap.parse_args()
+    folder, steps = VARIANTS[args.variant]
+    args.out = args.out or str(REPO / "assets" / folder)
+    args.steps = args.steps or steps
 
     # Reproducibility: results of float32 CPU kernels can depend on the thread count.
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
 
     tok = build_tokenizer()
-    msg = [{"role": "user", "content": "47+38"}]
-    chat = tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
-    assert chat == prompt(47, 38)
+    for suffix in ("", THINK, NO_THINK):
+        msg = [{"role": "user", "content": "47+38" + suffix}]
+        chat = tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
+        assert chat == prompt(47, 38, suffix)
     model = build_model(len(tok), args.seed)
-    print(f"{sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(tok)}")
+    print(f"{args.variant}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"vocab {len(tok)}")
 
     t0 = time.time()
     sft(model, tok, args)
-    print(f"SFT: {args.steps} steps in {time.time() - t0:.0f} s")
+    print(f"{'pre-training' if args.variant == 'base' else 'SFT'}: {args.steps} steps in "
+          f"{time.time() - t0:.0f} s")
 
     out = Path(args.out)
     model.save_pretrained(out)  # safetensors; the tied lm_head is stored once
@@ -217,12 +360,7 @@ def main() -> None:
     # save_jinja_files=False keeps the chat template inside tokenizer_config.json
     tok.save_pretrained(out, save_jinja_files=False)
 
-    metrics = evaluate(model, tok, args.seed)
-    print(f"held-out greedy accuracy {metrics['greedy_acc']:.3f} (no carry "
-          f"{metrics['greedy_acc_no_carry']:.3f}, carry {metrics['greedy_acc_carry']:.3f}), "
-          f"well-formed {metrics['format']:.3f}\n"
-          f"carry problems sampled at T=1: {metrics['sampled_acc_carry']:.3f} correct; "
-          f"a group of 8 holds a correct answer {metrics['group_has_correct']:.3f} of the time")
+    evaluate_variant(model, tok, args)
     print(f"saved to {out}")
 
 

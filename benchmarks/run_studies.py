@@ -107,10 +107,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=None, help="only these variants (default: all)")
     args = ap.parse_args()
     meta_path = os.path.join(RESULTS, "meta.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {"runs": {}}
-    jobs = [(s, v, seed) for s in args.studies for v in STUDIES[s] for seed in args.seeds]
+    jobs = [(s, v, seed) for s in args.studies for v in STUDIES[s] for seed in args.seeds
+            if args.variants is None or v in args.variants]
     for study, variant, seed in tqdm(jobs, desc="studies"):
         script, flags = STUDIES[study][variant]
         if not os.path.exists(os.path.join(ROOT, script)) or any(

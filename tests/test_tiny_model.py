@@ -182,3 +182,90 @@ def test_rebuild_reproduces_the_shipped_files(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for name in ["model.safetensors", "tokenizer.json"]:
         assert sha256(tmp_path / name) == sha256(os.path.join(TINY_MODEL, name)), name
+
+
+# ---------------------------------------------------------------------------------------------
+# the chapter's other two starting points, built by the same script (tested where built):
+#   assets/tiny-addition-fusion  (--variant think-fusion): Qwen 3's thinking-mode fusion
+#   assets/tiny-addition-base    (--variant base): plain arithmetic text only, R1-Zero's start
+# ---------------------------------------------------------------------------------------------
+FUSION_MODEL = os.path.join(ROOT, "assets", "tiny-addition-fusion")
+BASE_MODEL = os.path.join(ROOT, "assets", "tiny-addition-base")
+needs_fusion = pytest.mark.skipif(not os.path.isdir(FUSION_MODEL), reason="fusion model not built")
+needs_base = pytest.mark.skipif(not os.path.isdir(BASE_MODEL), reason="base model not built")
+
+
+def load(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return (AutoTokenizer.from_pretrained(folder),
+            AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
+
+
+def check_shape_and_tokenizer(folder, tok, model):
+    """The same architecture, size limit and tokenizer (file for file) as the shipped model."""
+    c = model.config
+    assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.vocab_size) == ("qwen2", 128, 4, len(tok))
+    assert (c.eos_token_id, c.pad_token_id) == (1, 0) and model.dtype == torch.float32
+    assert sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) <= 20 * 2**20
+    for name in ["tokenizer.json", "tokenizer_config.json"]:
+        assert sha256(os.path.join(folder, name)) == sha256(os.path.join(TINY_MODEL, name)), name
+
+
+@needs_fusion
+def test_fusion_model_switches_mode_in_the_prompt():
+    tok, model = load(FUSION_MODEL)
+    check_shape_and_tokenizer(FUSION_MODEL, tok, model)
+    # the mode switch: one space, then the single token /no_think, inside the user turn
+    assert prompt_ids(tok, "47+38 /no_think")[-3:] == tok.convert_tokens_to_ids(["Ġ", "/no_think",
+                                                                                 "<|assistant|>"])
+    examples = addition_examples("test", n=100, seed=0)
+    think = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples]))
+    no_think = tok.batch_decode(hf_generate(model, tok, [e["question"] + " /no_think"
+                                                         for e in examples]))
+    well_formed = r"<think>[^<]+</think><answer>\d+</answer><\|endoftext\|>"  # a real trace
+    assert sum(re.fullmatch(well_formed, o) is not None for o in think) >= 90
+    empty = r"<think></think><answer>\d+</answer><\|endoftext\|>"
+    assert sum(re.fullmatch(empty, o) is not None for o in no_think) >= 90
+    acc = {mode: sum(f"<answer>{e['answer']}</answer>" in o for e, o in zip(examples, outs)) / 100
+           for mode, outs in [("think", think), ("no_think", no_think)]}
+    assert 0.35 <= acc["think"] <= 0.75, acc  # think mode: the shipped model's partial accuracy
+    assert acc["no_think"] < acc["think"], acc  # answering without the trace is harder for it
+    # a thinking budget of 0 tokens (nano_grpo.py --think_budget 0): </think> right after the prompt
+    cut = [prompt_ids(tok, e["question"]) + [tok.convert_tokens_to_ids("</think>")] for e in examples]
+    enc = tok.pad({"input_ids": cut}, padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:])
+    assert sum(re.match(r"<answer>\d+</answer><\|endoftext\|>", o) is not None for o in answers) >= 90
+
+
+@needs_base
+def test_base_model_continues_plain_arithmetic_and_knows_no_format():
+    tok, model = load(BASE_MODEL)
+    check_shape_and_tokenizer(BASE_MODEL, tok, model)
+    examples = addition_examples("test", n=100, seed=0)
+    enc = tok.pad({"input_ids": [tok.encode(e["question"] + "=") for e in examples]},
+                  padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=5, do_sample=False)
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:])
+    assert all(re.match(r"\d+\n", t) for t in texts), texts[:5]  # "47+38=" -> "75\n..."
+    # what it knows: the leading digits of the sloppy teacher's sum (its units digit is ~chance)
+    sloppy = [e["a"] + e["b"] - 10 * (e["a"] % 10 + e["b"] % 10 >= 10) for e in examples]
+    assert sum(int(t.split()[0]) // 10 == s // 10 for t, s in zip(texts, sloppy)) >= 80
+    chat = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples[:20]]))
+    assert not any("<answer>" in o for o in chat)  # the R1 format was never taught
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,folder", [("think-fusion", FUSION_MODEL), ("base", BASE_MODEL)])
+def test_rebuild_reproduces_the_variant_files(tmp_path, variant, folder):
+    if not os.path.isdir(folder):
+        pytest.skip(f"{folder} not built")
+    script = os.path.join(ROOT, "assets", "build_tiny_model.py")
+    run = subprocess.run([sys.executable, script, "--variant", variant, "--out", str(tmp_path)],
+                         cwd=ROOT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                         capture_output=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ["model.safetensors", "tokenizer.json"]:
+        assert sha256(tmp_path / name) == sha256(os.path.join(folder, name)), name
