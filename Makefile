@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 CPU_CLEANUP := torchvision torchaudio torchcodec triton
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: demo test ppo bench clean-venv
+.PHONY: demo test test-all ppo bench studies clean-venv
 demo: $(VENV)/.stack
 	$(BIN)/python nano_grpo.py
 
@@ -16,7 +16,13 @@ ppo: $(VENV)/.stack
 	$(BIN)/python nano_ppo.py
 
 test: $(VENV)/.test-stack
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q -m "not slow"
+
+test-all: $(VENV)/.test-stack  # + the slow ones: the variant models' rebuilds, FSDP with vLLM (~25 min)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
+
+studies: $(VENV)/.test-stack  # the chapter's comparisons behind notebooks/03 and case_studies (~40 min)
+	$(BIN)/python benchmarks/run_studies.py
 
 bench: $(VENV)/.test-stack
 	$(BIN)/python benchmarks/bench_step.py --trl

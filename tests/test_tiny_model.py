@@ -174,8 +174,7 @@ def sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-@pytest.mark.slow
-def test_rebuild_reproduces_the_shipped_files(tmp_path):
+def test_rebuild_reproduces_the_shipped_files(tmp_path):  # ~2 min: in every `make test`
     script = os.path.join(ROOT, "assets", "build_tiny_model.py")
     run = subprocess.run([sys.executable, script, "--out", str(tmp_path)], cwd=ROOT, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
