@@ -65,7 +65,7 @@ def test_readme_guide_names_real_functions():
         where = cells[-2]
         for module_name, names in re.findall(r"`(\w+)\.py[^`]*`:?\s*([^|]*?)(?=`\w+\.py|$)", where):
             module = importlib.import_module(module_name) if os.path.exists(os.path.join(ROOT, module_name + ".py")) else None
-            for name in re.findall(r"`(\w+)", names):
+            for name in re.findall(r"`(\w+)`", names):
                 if module is not None and not name.startswith("-"):
                     assert hasattr(module, name), f"README guide names {module_name}.{name}, which does not exist"
                     checked += 1
