@@ -597,9 +597,11 @@ def train_on_batch(model, ref_model, critic, optimizer, critic_optimizer, sample
         rewards_ = masked_whiten(rewards_, mask, shift_mean=False)
     advantages, returns = gae_advantages(rewards_, old_values, mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, mask)
-    masked_var = lambda x: ((x - (x * mask).sum() / n_tok) ** 2 * mask).sum() / n_tok
-    m.update(value=((old_values * mask).sum() / n_tok).item(), returns=((returns * mask).sum() / n_tok).item(),
-             explained_var=(1 - masked_var(returns - old_values) / masked_var(returns).clamp(min=1e-8)).item())
+    # explained variance of the critic, 1 - Var[returns - V] / Var[returns], over all answer tokens
+    err = returns - old_values
+    e = all_ranks_sum(torch.stack([(x * mask).sum() for x in (old_values, returns, returns ** 2, err, err ** 2)])) / n_tok
+    m.update(value=e[0].item(), returns=e[1].item(),
+             explained_var=(1 - (e[4] - e[3] ** 2) / (e[2] - e[1] ** 2).clamp(min=1e-8)).item())
 
     stats = torch.zeros(7, device=device)  # sums over answer tokens: entropy, clipped, v clipped, pg loss, v loss, approx kl, tokens
     norms, steps, stop = torch.zeros(2, device=device), 0, False
@@ -652,7 +654,7 @@ def train_on_batch(model, ref_model, critic, optimizer, critic_optimizer, sample
 
 def rollout_metrics(samples: list[dict], group_size: int) -> dict:
     """Per-step numbers about the answers themselves (each computed once, here)."""
-    if dist.is_initialized():  # torchrun: every rank's answers (whole groups), light fields only
+    if is_distributed():  # torchrun: every rank's answers (whole groups), light fields only
         light = [{k: s[k] for k in ("reward", "components", "response_ids", "truncated")} for s in samples]
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, light)
@@ -762,9 +764,14 @@ def setup_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def is_distributed() -> bool:
+    """More than one rank (torchrun). vLLM sets up a one-process group of its own: that is not it."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_ranks_sum(t: torch.Tensor, max_index: int | None = None) -> torch.Tensor:
     """Sum over ranks (entry `max_index`, a maximum, is maxed instead); identity in one process."""
-    if not dist.is_initialized():
+    if not is_distributed():
         return t
     t = t.clone()
     if max_index is not None:
@@ -779,7 +786,7 @@ def all_ranks_sum(t: torch.Tensor, max_index: int | None = None) -> torch.Tensor
 def all_reduce_gradients(*models):
     """Sum every rank's gradient. Each rank's loss already used the whole batch's normaliser
     (loss_weights), so the sum IS the single-process gradient of the whole batch."""
-    if dist.is_initialized():
+    if is_distributed():
         params = {id(p): p for m in models if not hasattr(m, "reshard") for p in m.parameters()}  # FSDP reduces its own
         for p in params.values():  # each parameter once, even if two models share it
             dist.all_reduce(p.grad)
@@ -931,7 +938,7 @@ def main(cfg: Config):
     acc_after = next((r["eval_acc"] for r in reversed(final) if "eval_acc" in r), state["acc_before"])
     print(f"curves: {os.path.join(cfg.output_dir, 'curves.png')}")
     print(f"final: acc_before={state['acc_before']:.3f} acc_after={acc_after:.3f}")
-    if dist.is_initialized():
+    if is_distributed():
         return end_distributed(engine)
     return dict(model=model, tokenizer=tokenizer, engine=engine, acc_before=state["acc_before"], acc_after=acc_after)
 

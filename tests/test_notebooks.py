@@ -19,7 +19,12 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NB_DIR = os.path.join(ROOT, "notebooks")
 KERNEL = "nano-rlvr-test"
-RUN_NOTEBOOKS = ["01_policy_gradient_to_grpo.ipynb", "02_reading_a_training_run.ipynb"]
+RUN_NOTEBOOKS = ["01_policy_gradient_to_grpo.ipynb", "02_reading_a_training_run.ipynb",
+                 "03_chapter_comparisons.ipynb", "case_studies.ipynb"]
+# These two only plot benchmarks/results/ (made by benchmarks/run_studies.py): fast, and they must run
+# even where a study has not been run yet (NANO_RLVR_RESULTS points them at another results folder).
+STUDY_NOTEBOOKS = ["03_chapter_comparisons.ipynb", "case_studies.ipynb"]
+STUDY_NOTEBOOK_MAX_S = 120
 EXERCISES = os.path.join(NB_DIR, "exercises.ipynb")
 CELL_TIMEOUT_S = 120
 
@@ -77,6 +82,22 @@ def test_notebook_runs(name, kernel_name):
     seconds = execute(nb, kernel_name)
     print(f"{name}: {seconds:.1f} s")
     assert all(out.get("output_type") != "error" for c in nb.cells for out in c.get("outputs", []))
+    if name in STUDY_NOTEBOOKS:  # they only read files
+        assert seconds < STUDY_NOTEBOOK_MAX_S, f"{name} took {seconds:.0f} s"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", STUDY_NOTEBOOKS)
+def test_study_notebook_runs_without_results(name, kernel_name, tmp_path, monkeypatch):
+    """Before benchmarks/run_studies.py has run (an empty results folder), each study says so."""
+    monkeypatch.setenv("NANO_RLVR_RESULTS", str(tmp_path))  # the kernel inherits this environment
+    nb = read(os.path.join(NB_DIR, name))
+    seconds = execute(nb, kernel_name)
+    print(f"{name} (no results): {seconds:.1f} s")
+    printed = "".join(text_of(c) for c in nb.cells if c.cell_type == "code")
+    assert str(tmp_path) in printed, "the notebook did not read NANO_RLVR_RESULTS"
+    assert "not run yet" in printed
+    assert not any("image/png" in out.get("data", {}) for c in nb.cells for out in c.get("outputs", []))
 
 
 # ------------------------------------------------------------------------------------------------
