@@ -84,6 +84,7 @@ def run(script: str, flags: list[str], seed: int, out_file: str) -> dict:
         keep = tempfile.mkdtemp(prefix="study-")
         info = run(script, flags, seed, os.path.join(keep, "metrics.jsonl.copy"))
         model = flags[flags.index("--model") + 1]
+        os.makedirs(os.path.dirname(out_file), exist_ok=True)
         after = os.path.join(keep, "run", open(os.path.join(keep, "run", "latest")).read().strip())
         json.dump({"before": think_budget_eval(os.path.join(ROOT, model), seed), "after": think_budget_eval(after, seed),
                    "budgets": BUDGETS}, open(out_file, "w"), indent=1)
