@@ -254,3 +254,31 @@ def test_first_step_metrics_by_hand():
     assert m["kl_seq"] == pytest.approx(sum(kl) / 8, rel=1e-4)
     assert m["explained_var"] == pytest.approx(0.0, abs=1e-6) and m["value"] == 0.0
     assert m["clip_frac"] == 0.0 and m["approx_kl"] == 0.0  # one epoch, one mini-batch: ratio 1
+
+
+def test_explained_variance_and_value_metrics_by_hand():
+    """explained_var = 1 - Var[returns - V] / Var[returns] over the answer tokens (a critic with values)."""
+    model, ref = random_model(), random_model(seed=2)
+    critic = P.build_critic(model)
+    torch.nn.init.normal_(critic.head.weight, std=0.3)
+    samples = random_samples(n_groups=4, group_size=2)
+    for s in samples:
+        s["rollout_logprobs"] = None
+    cfg = P.Config(beta=0.05, ppo_epochs=1, num_mini_batches=1, micro_batch_size=3)
+    m = P.train_on_batch(copy.deepcopy(model).train(), ref, copy.deepcopy(critic), torch.optim.SGD(model.parameters(), lr=0.0),
+                         torch.optim.SGD(critic.parameters(), lr=0.0), samples, cfg, pad_id=0, beta=cfg.beta)
+    b = P.make_batch(samples, pad_id=0)
+    mask = b["response_mask"]
+    with torch.no_grad():
+        logp = P.token_logprobs(model, b["input_ids"], b["attention_mask"], 1.0)
+        ref_logp = P.token_logprobs(ref, b["input_ids"], b["attention_mask"], 1.0)
+        values = P.critic_values(critic, b["input_ids"], b["attention_mask"]) * mask
+    rewards, _ = P.shape_rewards(logp, ref_logp, torch.tensor([s["reward"] for s in samples]), mask, cfg.beta)
+    _, returns = P.gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+    on = mask > 0
+    r, v = returns[on], values[on]
+    assert m["value"] == pytest.approx(v.mean().item(), abs=1e-5)
+    assert m["returns"] == pytest.approx(r.mean().item(), abs=1e-5)
+    expected = 1 - (r - v).var(unbiased=False) / r.var(unbiased=False)
+    assert m["explained_var"] == pytest.approx(expected.item(), abs=1e-4)
+    assert abs(m["explained_var"]) > 1e-3  # a real check: not the zero-critic case
