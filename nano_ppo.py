@@ -360,12 +360,17 @@ def _installed(dist: str) -> bool:
 # ================================================================================================
 # 4. Reward: rewards.py grades each answer; components are kept apart for the log.
 # ================================================================================================
+def response_text(tokenizer, ids: list[int]) -> str:
+    """An answer's text as the verifier sees it: tags kept, the final EOS dropped."""
+    return tokenizer.decode(ids, skip_special_tokens=False).removesuffix(tokenizer.eos_token)
+
+
 def score_samples(samples: list[dict], examples: list[dict], cfg: Config, tokenizer, group_size: int):
     """Fills sample['reward'] and its components; examples[i] is the question of group i."""
     # [R-BIN] correct = 1 if a program says the answer is right, else 0; [R-FORMAT] adds
     # format_weight * 1 for <think>...</think><answer>...</answer> (rewards.task_reward)
     for i, s in enumerate(samples):
-        s["text"] = tokenizer.decode(s["response_ids"], skip_special_tokens=False).removesuffix(tokenizer.eos_token)
+        s["text"] = response_text(tokenizer, s["response_ids"])
         s["reward"], s["components"] = rewards.task_reward(cfg.task, s["text"], examples[i // group_size], cfg.format_weight)
     for g in range(0, len(samples), group_size):  # optional length shaping, per group
         group = samples[g:g + group_size]
@@ -680,8 +685,7 @@ def rollout_metrics(samples: list[dict], group_size: int) -> dict:
 def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config, eos_id: int) -> dict:
     """Held-out greedy accuracy (and pass@k, and accuracy under a thinking budget)."""
     def accuracy(samples, n):
-        correct = [rewards.task_reward(cfg.task, tokenizer.decode(s["response_ids"], skip_special_tokens=False)
-                                       .removesuffix(tokenizer.eos_token), examples[i // n])[1]["correct"] > 0
+        correct = [rewards.task_reward(cfg.task, response_text(tokenizer, s["response_ids"]), examples[i // n])[1]["correct"] > 0
                    for i, s in enumerate(samples)]
         return sum(any(correct[i:i + n]) for i in range(0, len(correct), n)) / len(examples)
 
