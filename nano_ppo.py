@@ -59,6 +59,7 @@ if "LOCAL_RANK" in os.environ:  # torchrun: each rank sees only its own GPU (as 
 import argparse
 import copy
 import dataclasses
+import gc
 import importlib.util
 import json
 import math
@@ -813,6 +814,7 @@ def full_state(model, optimizer) -> tuple:
 def end_distributed(engine):
     if isinstance(engine, torch.nn.Module):  # a vLLM engine ends its own groups (and needs ours) at exit
         dist.destroy_process_group()
+        gc.collect()  # free the gloo group now: freed later, at interpreter exit, it can abort the process
 
 
 # ================================================================================================

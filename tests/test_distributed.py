@@ -1,4 +1,5 @@
 """torchrun on CPU with gloo: a 2-rank run, exact equivalence with one process, group integrity."""
+import gc
 import json
 import os
 import subprocess
@@ -13,6 +14,12 @@ from helpers import ROOT, TINY_MODEL, random_model, random_samples
 import nano_grpo as G
 
 SCRIPTS = ["nano_grpo.py"] + (["nano_ppo.py"] if os.path.exists(os.path.join(ROOT, "nano_ppo.py")) else [])
+
+
+def end_group():
+    """Destroy the gloo group and free it at once: left to interpreter exit, its threads can abort."""
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def rank_groups(rank, n_groups=5, world=2):
@@ -45,7 +52,7 @@ def worker(rank, world, init_file, out_dir):
             cfg = G.Config(loss_agg=loss_agg, beta=0.0, max_grad_norm=1e9, micro_batch_size=3)
             params = one_step([samples[i] for i in mine], adv[mine], cfg)
             torch.save(params, os.path.join(out_dir, f"{loss_agg}-{drop}-rank{rank}.pt"))
-    dist.destroy_process_group()
+    end_group()
 
 
 def test_two_ranks_update_equals_one_process(tmp_path):
@@ -74,7 +81,7 @@ def fsdp_worker(rank, world, init_file, out_dir):
         G.train_on_batch(model, None, torch.optim.SGD(model.parameters(), lr=1.0), [samples[i] for i in mine], adv[mine], cfg, 0)
         params = torch.cat([G.full_tensor(p).flatten() for p in model.parameters()])
         torch.save(params, os.path.join(out_dir, f"fsdp-{loss_agg}-rank{rank}.pt"))
-    dist.destroy_process_group()
+    end_group()
 
 
 def test_fsdp_update_equals_one_process(tmp_path):
@@ -149,7 +156,7 @@ def ppo_worker(rank, world, init_file, out_dir):
         P.all_reduce_gradients = (lambda *models: None) if drop else real
         cfg = P.Config(beta=0.1, ppo_epochs=1, num_mini_batches=1, max_grad_norm=1e9, micro_batch_size=3)
         torch.save(ppo_step([samples[i] for i in mine], cfg), os.path.join(out_dir, f"ppo-{drop}-rank{rank}.pt"))
-    dist.destroy_process_group()
+    end_group()
 
 
 def test_ppo_two_ranks_update_equals_one_process(tmp_path):

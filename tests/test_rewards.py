@@ -3,13 +3,15 @@ import concurrent.futures
 import doctest
 import os
 import signal
+import subprocess
 import sys
 import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import rewards  # noqa: E402
 from rewards import (addition_reward, addition_trace, countdown_reward, extract_answer,  # noqa: E402
                      format_reward, gsm8k_reward, length_rewards, math_equal, math_reward, overlong_penalty,
@@ -338,3 +340,28 @@ def test_arithmetic_steps_free_text():
     assert arithmetic_steps("no arithmetic here") == []
     steps = task_steps("gsm8k", "3*4=12 <answer>12</answer>", {"answer": "12"})
     assert [r for _, r in steps] == [1.0, 1.0]  # the final answer is the last step
+
+
+def test_time_limit_holds_when_the_first_alarm_is_swallowed():
+    """Pitfall: a signal-based time limit raises in whatever Python code runs when it strikes; in a
+    finalizer (__del__, weakref callbacks during gc) the exception is printed and dropped. A one-shot
+    timer then never fires again and the comparison runs on forever; ours repeats until it lands."""
+    code = """if True:
+        import sys, time; sys.path.insert(0, '.')
+        import rewards
+        def stuck(pred, gold):
+            class Finalizer:
+                def __del__(self):  # busy while the first alarm strikes (MATH_TIMEOUT_S = 0.7 s)
+                    t = time.monotonic()
+                    while time.monotonic() - t < rewards.MATH_TIMEOUT_S + 0.3:
+                        pass
+            Finalizer()
+            while True:  # a comparison that never ends
+                pass
+        rewards._verify_latex = stuck
+        start = time.monotonic()
+        print(rewards.math_equal('x+1', 'y'), round(time.monotonic() - start, 1))
+    """
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    verdict, seconds = out.stdout.split()
+    assert verdict == "False" and float(seconds) < 3.0, out.stdout + out.stderr
