@@ -248,6 +248,9 @@ def _verifier_calls(text):
             lambda: task_steps("gsm8k", text, {"answer": "72"})]
 
 
+# A time-limit alarm that strikes inside a finalizer is printed as "Exception ignored" and struck
+# again 50 ms later (see test_time_limit_holds_when_the_first_alarm_is_swallowed): expected noise.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("text", HOSTILE, ids=range(len(HOSTILE)))
 def test_hostile_input_never_raises_and_returns_within_a_second(text):
     for call in _verifier_calls(text):
