@@ -40,7 +40,10 @@ import os
 # vLLM runs inside this process so that new weights can be handed to it directly. These must be
 # set before torch or vllm is imported (see ../shared/notes/vllm-on-cpu.md for the measurements).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: weight sync
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve the trainer
+# OpenMP threads (torch's CPU kernels) spin briefly, then sleep. Spinning on and on starved the
+# in-process trainer; never spinning (OMP_WAIT_POLICY=PASSIVE) made every small op wait for a
+# thread wake-up: CPU-demo steps were ~30% slower on 2 cores.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM logs every weight reload otherwise
 if "LOCAL_RANK" in os.environ:  # torchrun: each rank sees only its own GPU (as cuda:0), for vLLM too
@@ -229,7 +232,10 @@ def start_vllm(cfg: Config, model_path: str, seed: int):
                logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
                enable_prefix_caching=True, enable_sleep_mode=gpu and cfg.vllm_sleep,
                **({"gpu_memory_utilization": cfg.gpu_memory_utilization} if gpu else
-                  {"kv_cache_memory_bytes": 64 * 2**20}))  # CPU: without it vLLM reserves ~7 GiB
+                  # CPU: without a size vLLM reserves ~7 GiB. Too small a cache queues answers: 64 MiB
+                  # (127 blocks of 128 tokens for the tiny model) left the 128th answer of a step to run
+                  # alone for ~20 extra decoding steps. 256 MiB: 511 answers at once, eval's 400 included.
+                  {"kv_cache_memory_bytes": 256 * 2**20}))
 
 
 def generate(engine, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
@@ -840,7 +846,7 @@ def main(cfg: Config):
 
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="grpo", disable=not is_main)
     for step in bar:
-        t = {"rollout": 0.0, "reward": 0.0}
+        t = {"rollout": 0.0, "reward": 0.0, "sync": 0.0, "sync_check": 0.0}
         # -- rollout + reward (DAPO dynamic sampling keeps drawing until the batch has signal)
         rng = random.Random(cfg.seed * 1_000_003 + step)  # prompts depend on (seed, step) only: resumable
         samples, examples, generated, tries = [], [], [], 0
@@ -874,9 +880,11 @@ def main(cfg: Config):
         t0 = time.time()
         if cfg.rollout == "vllm" and not cfg.offline_rollouts:
             sync_weights(engine, model)
-            if cfg.sync_check:
+            t["sync"] = time.time() - t0
+            t0 = time.time()
+            if cfg.sync_check:  # the cheap proof that it worked (turn off with --sync_check false)
                 check_engine_weights(engine, model, probe, sync_atol)
-        t["sync"] = time.time() - t0
+            t["sync_check"] = time.time() - t0
         metrics.update({f"time_{k}": v for k, v in t.items()})
         # -- eval, log, checkpoint
         save_now = (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.max_steps

@@ -3,7 +3,8 @@
     python benchmarks/bench_step.py [--steps 30] [--trl]
 
 Runs nano_grpo.py's CPU demo configuration in a subprocess per rollout engine and prints, from
-its metrics.jsonl: seconds per step (rollout / reward / train / weight sync), generated tokens per
+its metrics.jsonl: seconds per step (rollout / reward / train / weight sync / the check that the
+sync worked), generated tokens per
 second in the rollout phase, and the process's peak memory. --trl also times TRL's GRPOTrainer at
 matched settings (same model, prompts, G, max new tokens, reward) for comparison.
 """
@@ -34,7 +35,7 @@ def run_ours(rollout: str, steps: int, extra: list[str]) -> dict:
         sys.exit(f"{rollout} run failed:\n{proc.stderr[-2000:]}")
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][3:]  # row 0: eval; 2 warm-up steps
     mean = lambda k: statistics.mean(r[k] for r in rows)
-    parts = {k: mean(f"time_{k}") for k in ("rollout", "reward", "train", "sync")}
+    parts = {k: mean(f"time_{k}") for k in ("rollout", "reward", "train", "sync", "sync_check")}
     tokens = statistics.mean(r["response_len"] for r in rows) * 16 * 8
     return dict(step=sum(parts.values()), **parts, tok_s=tokens / parts["rollout"], wall=wall,
                 peak_gb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20)
@@ -51,8 +52,10 @@ def main():
     for rollout in ("vllm", "hf"):  # peak memory is cumulative over children: vllm first, hf after
         results[rollout] = r = run_ours(rollout, args.steps, [])
         print(f"{rollout:5s} {r['step']:.3f} s/step = rollout {r['rollout']:.3f} + reward {r['reward']:.3f} + "
-              f"train {r['train']:.3f} + sync {r['sync']:.3f} | {r['tok_s']:.0f} generated tok/s | "
-              f"sync {100 * r['sync'] / r['step']:.1f}% of step | peak RSS {r['peak_gb']:.2f} GB | wall {r['wall']:.0f} s")
+              f"train {r['train']:.3f} + sync {r['sync']:.3f} + sync check {r['sync_check']:.3f} | "
+              f"{r['tok_s']:.0f} generated tok/s | sync {100 * r['sync'] / r['step']:.1f}% of step "
+              f"(with its check {100 * (r['sync'] + r['sync_check']) / r['step']:.1f}%) | "
+              f"peak RSS {r['peak_gb']:.2f} GB | wall {r['wall']:.0f} s")
     print(f"rollout speed-up vllm/hf: {results['hf']['rollout'] / results['vllm']['rollout']:.1f}x")
     if args.trl:
         trl = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_trl.py"), "--steps", str(args.steps)],

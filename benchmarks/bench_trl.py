@@ -21,7 +21,7 @@ line on stdout; everything TRL prints goes to stderr.
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny model is local; never reach for the hub
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the same thread settings as nano_grpo.py
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # the same thread settings as nano_grpo.py
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
