@@ -282,3 +282,33 @@ def test_explained_variance_and_value_metrics_by_hand():
     expected = 1 - (r - v).var(unbiased=False) / r.var(unbiased=False)
     assert m["explained_var"] == pytest.approx(expected.item(), abs=1e-4)
     assert abs(m["explained_var"]) > 1e-3  # a real check: not the zero-critic case
+
+
+def test_approx_kl_after_an_update_by_hand():
+    """[APPROX-KL] once the policy has moved: epoch 2 sees the weights epoch 1 left, so the logged value
+    (a mean over both epochs' tokens, epoch 1's being 0) is half of 0.5 * mean((logp_1 - logp_0)^2);
+    --approx_kl_stop just below that value drops epoch 2's step."""
+    model, ref = random_model(), random_model(seed=2)
+    samples = random_samples(n_groups=4, group_size=2)
+    for s in samples:
+        s["rollout_logprobs"] = None
+
+    def run(epochs, stop=0.0):
+        policy, critic = copy.deepcopy(model).train(), P.build_critic(model)
+        cfg = P.Config(beta=0.05, ppo_epochs=epochs, num_mini_batches=1, micro_batch_size=64, approx_kl_stop=stop)
+        m = P.train_on_batch(policy, ref, critic, torch.optim.SGD(policy.parameters(), lr=0.5),
+                             torch.optim.SGD(critic.parameters(), lr=0.0), samples, cfg, pad_id=0, beta=cfg.beta)
+        return policy, m
+
+    moved, _ = run(1)
+    b = P.make_batch(samples, pad_id=0)
+    mask = b["response_mask"]
+    with torch.no_grad():
+        lp0 = P.token_logprobs(model, b["input_ids"], b["attention_mask"], 1.0)
+        lp1 = P.token_logprobs(moved, b["input_ids"], b["attention_mask"], 1.0)
+    by_hand = ((0.5 * (lp1 - lp0) ** 2 * mask).sum() / mask.sum()).item()
+    assert by_hand > 1e-4  # the policy really moved
+    _, m = run(2)
+    assert m["ppo_steps"] == 2 and m["approx_kl"] == pytest.approx(by_hand / 2, rel=1e-3)
+    _, m = run(2, stop=0.9 * by_hand)
+    assert m["ppo_steps"] == 1  # epoch 2 measured by_hand > the limit: its step is dropped
