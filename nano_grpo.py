@@ -192,8 +192,7 @@ def load_model(name: str, cfg: Config):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one progress bar per run: ours
-    local = os.path.isdir(name)
-    if not local and (name.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"):
+    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"):
         sys.exit(f"error: model path {name!r} does not exist; pass --model with a local folder (or a hub id, online)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -353,8 +352,7 @@ def group_advantages(rewards_: torch.Tensor, group_size: int, scale: str = "grou
     [GRPO-ADV] A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)
     [DR-GRPO]  A_i =  r_i - mean(r_group)           (scale="none": no std, no difficulty bias)
     An all-equal group (all right or all wrong) has nothing to teach: it gets A = 0 exactly, as
-    r - mean(r) can leave float residue (0.3 - 0.3000001) that the tiny std would blow up into noise.
-    """
+    r - mean(r) can leave float residue (0.3 - 0.3000001) that the tiny std would blow up into noise."""
     r = rewards_.view(-1, group_size)  # [N, G]
     all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # [N, 1]
     centred = torch.where(all_equal, torch.zeros_like(r), r - r.mean(dim=1, keepdim=True))
@@ -376,8 +374,7 @@ def process_advantages(steps: list[list[tuple[int, float]]], lengths: list[int],
     [GRPO-PS] normalise ALL step rewards of a group together: r~ = (r - mean(R)) / (std(R) + 1e-4),
     then A_{i,t} = sum of r~ over the steps of answer i that end at or after token t: a token is
     credited (or blamed) for the steps it led to, never for steps that came before it.
-    With one step per answer, at its last token, this is [GRPO-ADV].
-    """
+    With one step per answer, at its last token, this is [GRPO-ADV]."""
     out = []
     for g in range(0, len(steps), group_size):
         all_r = torch.tensor([r for st in steps[g:g + group_size] for _, r in st])  # R: the group's step rewards
@@ -409,8 +406,7 @@ def make_batch(samples: list[dict], pad_id: int) -> dict:
     ids: the pad id may equal the EOS id, and an EOS-id token may sit inside a prompt.
 
     Returns input_ids/attention_mask [B, L] and response_mask [B, L-1]: response_mask[b, t] = 1 iff
-    input_ids[b, t+1] is an answer token (log-probs predict the NEXT token, so they shift by one).
-    """
+    input_ids[b, t+1] is an answer token (log-probs predict the NEXT token, so they shift by one)."""
     width = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(len(samples), width, dtype=torch.long)
@@ -427,8 +423,7 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float, with_en
     """log pi(x_{t+1} | x_<=t) for every position: [B, L-1] (and the entropy of each prediction).
 
     Logits / T: the answers were sampled from softmax(z/T), the policy whose log-probs the ratio and
-    the KL need. Position ids count real tokens only, so left padding does not shift them.
-    """
+    the KL need. Position ids count real tokens only, so left padding does not shift them."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     logits = logits[:, :-1].float() / temperature  # [B, L-1, V]: position t predicts token t+1
@@ -466,8 +461,7 @@ def clipped_policy_loss(logp, old_logp, advantages, epsilon: float, epsilon_high
     [PPO-CLIP] min(rho*A, clip(rho)*A): for A > 0 the gain stops past 1+eps_high, for A < 0 the
                penalty stops below 1-eps; there the gradient is zero.
     [PG]       at rho = 1 (one update per rollout) the gradient is -A * grad log pi: REINFORCE
-               with the group mean as baseline.
-    """
+               with the group mean as baseline."""
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantages
@@ -482,8 +476,7 @@ def loss_weights(response_mask: torch.Tensor, loss_agg: str, max_new_tokens: int
     token-mean               (DAPO)     : mean over all answer tokens of the batch
     seq-mean-token-sum-norm  (Dr. GRPO) : each answer's token sum / max_new_tokens, mean over answers
     n_seqs / n_tokens count the WHOLE batch (all ranks under torchrun): a loss normalised per
-    micro-batch would change with how the batch was split (and weigh long answers differently).
-    """
+    micro-batch would change with how the batch was split (and weigh long answers differently)."""
     n_seqs = response_mask.shape[0] if n_seqs is None else n_seqs
     n_tokens = response_mask.sum() if n_tokens is None else n_tokens
     if loss_agg == "token-mean":

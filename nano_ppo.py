@@ -207,8 +207,7 @@ def load_model(name: str, cfg: Config):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one progress bar per run: ours
-    local = os.path.isdir(name)
-    if not local and (name.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"):
+    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"):
         sys.exit(f"error: model path {name!r} does not exist; pass --model with a local folder (or a hub id, online)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -226,8 +225,7 @@ def build_critic(model, share_backbone: bool = False) -> torch.nn.Module:
     By default the critic gets its OWN copy of the transformer, as in the chapter (alpaca_farm keeps
     policy and value model apart): in one shared trunk the value loss's gradients would fight the
     policy's. --critic_share_backbone puts the head on the policy's trunk instead (half the memory).
-    The head starts at zero, so every value starts at 0 and the first advantages are plain returns.
-    """
+    The head starts at zero, so every value starts at 0 and the first advantages are plain returns."""
     critic = torch.nn.Module()
     critic.backbone = model.base_model if share_backbone else copy.deepcopy(model.base_model)
     critic.head = torch.nn.Linear(model.config.hidden_size, 1, device=model.device)
@@ -240,8 +238,7 @@ def critic_values(critic, input_ids, attention_mask) -> torch.Tensor:
     """V(s_t) for every position: [B, L-1], aligned with token_logprobs and response_mask.
 
     values[b, t] reads tokens 0..t: it is the value of the state in which token t+1 is generated,
-    so response_mask[b, t] = 1 marks the value of the state before each answer token.
-    """
+    so response_mask[b, t] = 1 marks the value of the state before each answer token."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L], as in token_logprobs
     hidden = critic.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return critic.head(hidden[:, :-1]).squeeze(-1).float()  # [B, L-1]
@@ -379,8 +376,7 @@ def shape_rewards(logp, ref_logp, scores, mask, beta: float, estimator: str = "c
     """[SHAPE] per-token rewards: -beta * kl on every answer token, plus the answer's score on its
     last token. logp/ref_logp/mask [B, T], scores [B] -> (rewards [B, T], kl [B, T]), 0 off the mask.
 
-    kl = clamp(logp - ref_logp, min=0) as in the chapter (alpaca_farm), or plain logp - ref_logp (k1).
-    """
+    kl = clamp(logp - ref_logp, min=0) as in the chapter (alpaca_farm), or plain logp - ref_logp (k1)."""
     kl = logp - ref_logp  # log pi(a_t|s_t) / pi_ref(a_t|s_t) of the sampled token
     if estimator == "clamp":
         kl = kl.clamp(min=0)
@@ -396,8 +392,7 @@ def shape_rewards(logp, ref_logp, scores, mask, beta: float, estimator: str = "c
 def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: int, n_answers: int) -> float:
     """Adaptive KL controller (Ziegler et al. 2019): raise beta when the KL per answer is above the
     target, lower it when below, by a bounded step:
-        beta <- beta * (1 + clip(kl / target - 1, -0.2, 0.2) * n_answers / horizon)
-    """
+        beta <- beta * (1 + clip(kl / target - 1, -0.2, 0.2) * n_answers / horizon)"""
     error = min(max(kl / target - 1, -0.2), 0.2)
     return beta * (1 + error * n_answers / horizon)
 
@@ -409,8 +404,7 @@ def gae_advantages(rewards, values, mask, gamma: float, lam: float):
         delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)
         A_t     = delta_t + gamma * lam * A_{t+1}
     Returns (advantages, returns), both [B, T] and 0 off the mask, where
-    [RETURNS] returns = A + V: the critic's targets.
-    """
+    [RETURNS] returns = A + V: the critic's targets."""
     values, rewards = values * mask, rewards * mask
     next_mask = F.pad(mask[:, 1:], (0, 1))  # 1 where the next position is still an answer token
     next_values = F.pad(values[:, 1:], (0, 1)) * next_mask  # V(s_{t+1}); 0 after the last token
@@ -427,8 +421,7 @@ def gae_advantages(rewards, values, mask, gamma: float, lam: float):
 def masked_whiten(x, mask, shift_mean: bool = True):
     """[WHITEN] (x - mean) / std over the answer tokens of the whole batch: padding never enters a
     statistic and comes out 0. shift_mean=False adds the mean back (scale only), as alpaca_farm
-    does for rewards: a constant reward would otherwise become 0.
-    """
+    does for rewards: a constant reward would otherwise become 0."""
     x = torch.where(mask > 0, x, torch.zeros_like(x))
     n = all_ranks_sum(mask.sum()).clamp(min=1)  # torchrun: the statistics of the whole batch
     mean = all_ranks_sum(x.sum()) / n
@@ -445,8 +438,7 @@ def make_batch(samples: list[dict], pad_id: int) -> dict:
     ids: the pad id may equal the EOS id, and an EOS-id token may sit inside a prompt.
 
     Returns input_ids/attention_mask [B, L] and response_mask [B, L-1]: response_mask[b, t] = 1 iff
-    input_ids[b, t+1] is an answer token (log-probs predict the NEXT token, so they shift by one).
-    """
+    input_ids[b, t+1] is an answer token (log-probs predict the NEXT token, so they shift by one)."""
     width = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(len(samples), width, dtype=torch.long)
@@ -463,8 +455,7 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float, with_en
     """log pi(x_{t+1} | x_<=t) for every position: [B, L-1] (and the entropy of each prediction).
 
     Logits / T: the answers were sampled from softmax(z/T), the policy whose log-probs the ratio and
-    the KL need. Position ids count real tokens only, so left padding does not shift them.
-    """
+    the KL need. Position ids count real tokens only, so left padding does not shift them."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     logits = logits[:, :-1].float() / temperature  # [B, L-1, V]: position t predicts token t+1
@@ -493,8 +484,7 @@ def clipped_value_loss(vpred, old_values, returns, cliprange_value: float):
 
     [V-CLIP] vpred_clipped = clamp(vpred, V_old - c, V_old + c)
              vf_loss = 0.5 * max((vpred - R)^2, (vpred_clipped - R)^2)
-    The max keeps the worse of the two: a value may not jump more than c from V_old to please R.
-    """
+    The max keeps the worse of the two: a value may not jump more than c from V_old to please R."""
     vpred_clipped = torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value)
     unclipped = (vpred - returns) ** 2
     clipped = (vpred_clipped - returns) ** 2
@@ -508,8 +498,7 @@ def clipped_policy_loss(logp, old_logp, advantages, epsilon: float, epsilon_high
     [PPO-CLIP] min(rho*A, clip(rho)*A): for A > 0 the gain stops past 1+eps_high, for A < 0 the
                penalty stops below 1-eps; there the gradient is zero.
     [PG]       at rho = 1 (one update per rollout) the gradient is -A * grad log pi: REINFORCE
-               with the group mean as baseline.
-    """
+               with the group mean as baseline."""
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantages
@@ -524,8 +513,7 @@ def loss_weights(response_mask: torch.Tensor, loss_agg: str, max_new_tokens: int
     token-mean               (DAPO)     : mean over all answer tokens of the batch
     seq-mean-token-sum-norm  (Dr. GRPO) : each answer's token sum / max_new_tokens, mean over answers
     n_seqs / n_tokens count the WHOLE batch (all ranks under torchrun): a loss normalised per
-    micro-batch would change with how the batch was split (and weigh long answers differently).
-    """
+    micro-batch would change with how the batch was split (and weigh long answers differently)."""
     n_seqs = response_mask.shape[0] if n_seqs is None else n_seqs
     n_tokens = response_mask.sum() if n_tokens is None else n_tokens
     if loss_agg == "token-mean":
@@ -567,8 +555,7 @@ def train_on_batch(model, ref_model, critic, optimizer, critic_optimizer, sample
     # -- rewards, advantages and returns: once, over the whole rollout batch, before any update
     scores = torch.tensor([cfg.truncation_penalty if cfg.truncation_penalty and s["truncated"] else s["reward"]
                            for s in samples], device=device)  # a cut answer may get a fixed penalty instead
-    rewards_, kl = shape_rewards(old_logp, ref_logp if ref_logp is not None else old_logp, scores, mask, beta,
-                                 cfg.kl_estimator)
+    rewards_, kl = shape_rewards(old_logp, ref_logp if ref_logp is not None else old_logp, scores, mask, beta, cfg.kl_estimator)
     gap = (old_logp - rollout_logp).abs() * mask
     sums = all_ranks_sum(torch.stack([rewards_.sum(), (-beta * kl).sum(), kl.sum(), mask.sum(), gap.sum(),
                                       torch.tensor(float(len(samples)), device=device)]))  # over all ranks (torchrun)
