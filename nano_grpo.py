@@ -633,7 +633,7 @@ def save_checkpoint(cfg: Config, step: int, model, tokenizer, model_state, optim
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=model_state)  # model_state None: the model's own
+    model.save_pretrained(tmp, state_dict=model_state)  # full_state's: under --fsdp gathered from all ranks
     tokenizer.save_pretrained(tmp)
     torch.save({"optimizer": optimizer_state, "step": step, "rng": torch.get_rng_state(),
                 "py_rng": random.getstate(), **state}, os.path.join(tmp, "trainer_state.pt"))
@@ -687,13 +687,13 @@ def all_reduce_gradients(*models):
             dist.all_reduce(p.grad)
 
 
-def shard(model, ref_model):
+def shard(*models):
     """--fsdp (FSDP2): each rank keeps 1/N of every decoder layer's weights, gradients and AdamW
     state, gathering a layer's full weights just for its forward and backward."""
     from torch.distributed.fsdp import fully_shard
-    for m in (model, ref_model):
+    for m in models:
         if m is not None:
-            for layer in m.model.layers:
+            for layer in (m.backbone if hasattr(m, "backbone") else m.model).layers:  # backbone: nano_ppo's critic
                 fully_shard(layer)
             fully_shard(m)
 
@@ -706,10 +706,24 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def full_state(model, optimizer) -> tuple:
     """(model, optimizer) state dicts for a checkpoint; under --fsdp gathered from all ranks."""
     if not hasattr(model, "reshard"):
-        return None, optimizer.state_dict()
+        return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     model_state = {k: full_tensor(v).cpu() for k, v in model.state_dict().items()}
     return model_state, get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model, optimizer, model_state, optimizer_state):
+    """full_state's reverse (model_state None: the weights are loaded already); under --fsdp each
+    rank keeps its own slices of the full state dicts."""
+    if not hasattr(model, "reshard"):
+        if model_state is not None:
+            model.load_state_dict(model_state)
+        return optimizer.load_state_dict(optimizer_state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    if model_state is not None:
+        set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def end_distributed(engine):
@@ -766,12 +780,7 @@ def main(cfg: Config):
     start_step, state, metrics_path = 0, {}, os.path.join(cfg.output_dir, "metrics.jsonl")
     if resume_from:
         state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        if cfg.fsdp:  # the full optimizer state, sliced to this rank's shards
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, optimizer, state.pop("optimizer"),
-                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        else:
-            optimizer.load_state_dict(state.pop("optimizer"))
+        load_full_state(model, optimizer, None, state.pop("optimizer"))  # --fsdp: sliced to this rank's shards
         torch.set_rng_state(state.pop("rng"))
         random.setstate(state.pop("py_rng"))
         start_step = state.pop("step")
