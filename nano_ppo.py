@@ -132,7 +132,7 @@ class Config:
     micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward (gradient accumulation)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for the trainer (GPU)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU)"})
-    fsdp: bool = field(default=False, metadata={"help": "torchrun: shard weights, gradients and optimizer state over ranks (FSDP2; nano_grpo.py only, for now)"})
+    fsdp: bool = field(default=False, metadata={"help": "torchrun: shard weights, gradients and optimizer state over ranks (FSDP2)"})
     # vLLM engine
     gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM's share of GPU memory"})
     vllm_sleep: bool = field(default=False, metadata={"help": "free vLLM's GPU memory while training (one card holds both)"})
@@ -191,8 +191,10 @@ def parse_config(argv=None) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             sys.exit(f"error: --{key} {getattr(cfg, key)!r} is not one of: {', '.join(allowed)}")
-    if cfg.fsdp:
-        sys.exit("error: --fsdp is in nano_grpo.py only for now; nano_ppo.py runs data parallel under torchrun")
+    if cfg.fsdp and ("RANK" not in os.environ or cfg.rollout != "vllm" or cfg.critic_share_backbone
+                     or cfg.prompts_per_step % int(os.environ.get("WORLD_SIZE", 1))):
+        sys.exit("error: --fsdp needs torchrun, --rollout vllm, no --critic_share_backbone, and prompts_per_step divisible "
+                 "by the number of ranks (every rank must run the same number of forward passes)")
     if cfg.group_size < 1:
         sys.exit(f"error: --group_size {cfg.group_size}: sample at least 1 answer per question")
     why = "--preset" if args.preset else f"default: {'a' if torch.cuda.is_available() else 'no'} CUDA GPU is present"
@@ -226,7 +228,7 @@ def build_critic(model, share_backbone: bool = False) -> torch.nn.Module:
     policy and value model apart): in one shared trunk the value loss's gradients would fight the
     policy's. --critic_share_backbone puts the head on the policy's trunk instead (half the memory).
     The head starts at zero, so every value starts at 0 and the first advantages are plain returns."""
-    critic = torch.nn.Module()
+    critic = Critic()
     critic.backbone = model.base_model if share_backbone else copy.deepcopy(model.base_model)
     critic.head = torch.nn.Linear(model.config.hidden_size, 1, device=model.device)
     torch.nn.init.zeros_(critic.head.weight)
@@ -242,6 +244,11 @@ def critic_values(critic, input_ids, attention_mask) -> torch.Tensor:
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L], as in token_logprobs
     hidden = critic.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return critic.head(hidden[:, :-1]).squeeze(-1).float()  # [B, L-1]
+
+
+class Critic(torch.nn.Module):  # calling it runs critic_values inside the module hooks that --fsdp needs
+    def forward(self, input_ids, attention_mask):
+        return critic_values(self, input_ids, attention_mask).clone()  # FSDP's backward hook: not on a view
 
 
 # ==== 3. Rollout: G answers per question, from vLLM (fast) or model.generate (fallback) =========
@@ -541,7 +548,7 @@ def train_on_batch(model, ref_model, critic, optimizer, critic_optimizer, sample
 
     def values_of(sl):
         with autocast:
-            return critic_values(critic, batch["input_ids"][sl], batch["attention_mask"][sl])
+            return critic(batch["input_ids"][sl], batch["attention_mask"][sl])
 
     with torch.no_grad():  # log-probs and values that stay fixed during the update
         ref_logp = torch.cat([logprobs_of(ref_model, sl) for sl in micro]) if cfg.beta > 0 else None
@@ -582,6 +589,8 @@ def train_on_batch(model, ref_model, critic, optimizer, critic_optimizer, sample
             n_mb_seqs, n_mb_tokens = all_ranks_sum(torch.stack([torch.tensor(float(len(rows)), device=device),
                                                                 mask[rows].sum()])).tolist()
             weights = loss_weights(mask[rows], cfg.loss_agg, cfg.max_new_tokens, n_mb_seqs, n_mb_tokens)  # whole-mini-batch normaliser
+            if hasattr(model, "reshard"):  # --fsdp averages gradients over ranks; we want their sum
+                weights = weights * dist.get_world_size()
             optimizer.zero_grad(set_to_none=False)
             critic_optimizer.zero_grad(set_to_none=False)
             mb_stats = torch.zeros(7, device=device)
@@ -607,8 +616,8 @@ def train_on_batch(model, ref_model, critic, optimizer, critic_optimizer, sample
                 stop = True  # the policy moved too far from the one that sampled: drop this step, end the epochs
                 break
             all_reduce_gradients(model, critic)  # torchrun: what DDP does, written out; no-op in one process
-            norms += torch.stack([torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm),
-                                  torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm)])
+            norms += torch.stack([full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)),
+                                  full_tensor(torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm))])
             optimizer.step()
             critic_optimizer.step()
             steps += 1
@@ -697,7 +706,7 @@ def save_checkpoint(cfg: Config, step: int, model, tokenizer, model_state, optim
     final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=model_state)  # model_state None: the model's own
+    model.save_pretrained(tmp, state_dict=model_state)  # full_state's: under --fsdp gathered from all ranks
     tokenizer.save_pretrained(tmp)
     torch.save({"optimizer": optimizer_state, "step": step, "rng": torch.get_rng_state(),
                 "py_rng": random.getstate(), **state}, os.path.join(tmp, "trainer_state.pt"))
@@ -751,6 +760,17 @@ def all_reduce_gradients(*models):
             dist.all_reduce(p.grad)
 
 
+def shard(*models):
+    """--fsdp (FSDP2): each rank keeps 1/N of every decoder layer's weights, gradients and AdamW
+    state, gathering a layer's full weights just for its forward and backward."""
+    from torch.distributed.fsdp import fully_shard
+    for m in models:
+        if m is not None:
+            for layer in (m.backbone if hasattr(m, "backbone") else m.model).layers:  # backbone: nano_ppo's critic
+                fully_shard(layer)
+            fully_shard(m)
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A sharded (FSDP) tensor gathered whole on every rank -- call it on all ranks; else as is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
@@ -759,10 +779,24 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def full_state(model, optimizer) -> tuple:
     """(model, optimizer) state dicts for a checkpoint; under --fsdp gathered from all ranks."""
     if not hasattr(model, "reshard"):
-        return None, optimizer.state_dict()
+        return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     model_state = {k: full_tensor(v).cpu() for k, v in model.state_dict().items()}
     return model_state, get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model, optimizer, model_state, optimizer_state):
+    """full_state's reverse (model_state None: the weights are loaded already); under --fsdp each
+    rank keeps its own slices of the full state dicts."""
+    if not hasattr(model, "reshard"):
+        if model_state is not None:
+            model.load_state_dict(model_state)
+        return optimizer.load_state_dict(optimizer_state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    if model_state is not None:
+        set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def end_distributed(engine):
@@ -796,8 +830,10 @@ def main(cfg: Config):
     if cfg.beta > 0:  # the frozen starting point that the KL keeps us near; never loaded when beta = 0
         ref_model = copy.deepcopy(model) if not resume_from else load_model(cfg.model, cfg)[0].to(device)
         ref_model.eval().requires_grad_(False)
+    critic = build_critic(model, cfg.critic_share_backbone).train()  # starts from the policy's weights: copy before shard()
+    if cfg.fsdp:
+        shard(model, ref_model, critic)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    critic = build_critic(model, cfg.critic_share_backbone).train()  # starts from the policy's weights
     # A shared trunk is stepped by the policy's optimizer: the critic's own then holds only the head.
     critic_params = critic.head.parameters() if cfg.critic_share_backbone else critic.parameters()
     critic_optimizer = torch.optim.AdamW(critic_params, lr=cfg.critic_learning_rate, weight_decay=cfg.weight_decay)
@@ -818,9 +854,8 @@ def main(cfg: Config):
     start_step, state, metrics_path = 0, {}, os.path.join(cfg.output_dir, "metrics.jsonl")
     if resume_from:
         state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state.pop("optimizer"))
-        critic.load_state_dict(state.pop("critic"))
-        critic_optimizer.load_state_dict(state.pop("critic_optimizer"))
+        load_full_state(model, optimizer, None, state.pop("optimizer"))  # --fsdp: sliced to this rank's shards
+        load_full_state(critic, critic_optimizer, state.pop("critic"), state.pop("critic_optimizer"))
         beta = state.pop("beta")
         torch.set_rng_state(state.pop("rng"))
         random.setstate(state.pop("py_rng"))
@@ -877,6 +912,7 @@ def main(cfg: Config):
         # -- eval, log, checkpoint
         save_now = (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.max_steps
         checkpoint_state = full_state(model, optimizer) if save_now else None  # --fsdp: every rank gathers
+        critic_state = full_state(critic, critic_optimizer) if save_now else None
         if not is_main:  # torchrun: rank 0 evaluates, logs and saves
             continue
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
@@ -889,7 +925,7 @@ def main(cfg: Config):
                         **({"eval": f"{metrics['eval_acc']:.2f}"} if "eval_acc" in metrics else {}))
         if save_now:
             save_checkpoint(cfg, step + 1, model, tokenizer, *checkpoint_state,
-                            {**state, "critic": critic.state_dict(), "critic_optimizer": critic_optimizer.state_dict(), "beta": beta})
+                            {**state, "critic": critic_state[0], "critic_optimizer": critic_state[1], "beta": beta})
     if not is_main:
         return end_distributed(engine)
     log.close()

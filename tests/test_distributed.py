@@ -1,4 +1,5 @@
 """torchrun on CPU with gloo: a 2-rank run, exact equivalence with one process, group integrity."""
+import copy
 import gc
 import json
 import os
@@ -133,17 +134,19 @@ def test_fsdp_vllm_run_checkpoint_and_resume(tmp_path):
     assert "resumed from" in again.stdout and [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
 
 
-def ppo_step(samples, cfg):
-    """One PPO step (1 epoch, 1 mini-batch, SGD lr=1) from the same random policy and critic."""
+def ppo_step(samples, cfg, fsdp=False):
+    """One PPO update (1 mini-batch per epoch, SGD lr=1) from the same random policy and critic."""
     import nano_ppo as P
     torch.manual_seed(0)
     model, ref = random_model(), random_model(seed=1)
     critic = P.build_critic(model)
     torch.nn.init.normal_(critic.head.weight, std=0.1)  # values that are not all 0
+    if fsdp:
+        P.shard(model, ref, critic)
     model.train(), critic.train()
     P.train_on_batch(model, ref, critic, torch.optim.SGD(model.parameters(), lr=1.0),
                      torch.optim.SGD(critic.parameters(), lr=1.0), samples, cfg, pad_id=0, beta=cfg.beta)
-    return torch.cat([p.detach().flatten() for m in (model, critic) for p in m.parameters()])
+    return torch.cat([P.full_tensor(p).flatten() for m in (model, critic) for p in m.parameters()])
 
 
 def ppo_worker(rank, world, init_file, out_dir):
@@ -168,3 +171,40 @@ def test_ppo_two_ranks_update_equals_one_process(tmp_path):
     assert torch.allclose(r0, single, atol=1e-5) and torch.allclose(r1, single, atol=1e-5)
     b0, b1 = (torch.load(tmp_path / f"ppo-True-rank{r}.pt") for r in (0, 1))
     assert not torch.allclose(b0, b1, atol=1e-5) and not torch.allclose(b0, single, atol=1e-5)
+
+
+def ppo_fsdp_cfg():
+    import nano_ppo as P  # 2 epochs: the second steps from FSDP-updated weights, with ratios != 1
+    return P.Config(beta=0.1, ppo_epochs=2, num_mini_batches=1, max_grad_norm=1e9, micro_batch_size=3)
+
+
+def ppo_fsdp_worker(rank, world, init_file, out_dir):
+    """--fsdp: 4 groups, 2 per rank; then the critic's AdamW state through a checkpoint and back."""
+    import nano_ppo as P
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    samples, _ = full_batch(n_groups=4)
+    mine = [i for g in range(4)[rank::world] for i in range(g * 4, g * 4 + 4)]
+    torch.save(ppo_step([samples[i] for i in mine], ppo_fsdp_cfg(), fsdp=True), os.path.join(out_dir, f"ppo-fsdp-rank{rank}.pt"))
+    critics = [P.build_critic(random_model(seed=s)) for s in (2, 3)]
+    for c in critics:
+        torch.nn.init.normal_(c.head.weight, std=0.1)
+    P.shard(*critics)
+    optimizers = [torch.optim.AdamW(c.parameters(), lr=0.1) for c in critics]
+    critics[0](torch.randint(2, 40, (2, 5)), torch.ones(2, 5, dtype=torch.long)).sum().backward()
+    optimizers[0].step()
+    saved = P.full_state(critics[0], optimizers[0])  # gathered, as for a checkpoint
+    P.load_full_state(critics[1], optimizers[1], *copy.deepcopy(saved))  # re-sliced, as on resume (it eats its input)
+    torch.save((saved, P.full_state(critics[1], optimizers[1])), os.path.join(out_dir, f"ppo-fsdp-state-rank{rank}.pt"))
+    end_group()
+
+
+def test_ppo_fsdp_update_equals_one_process(tmp_path):
+    mp.spawn(ppo_fsdp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    single = ppo_step(full_batch(n_groups=4)[0], ppo_fsdp_cfg())  # policy and critic parameters
+    for r in (0, 1):
+        assert torch.allclose(torch.load(tmp_path / f"ppo-fsdp-rank{r}.pt"), single, atol=1e-6)
+    (weights, adam), (weights_back, adam_back) = torch.load(tmp_path / "ppo-fsdp-state-rank0.pt", weights_only=False)
+    assert weights.keys() == weights_back.keys() and all(torch.equal(weights[k], weights_back[k]) for k in weights)
+    moments = [(v["exp_avg"], v["exp_avg_sq"]) for v in adam["state"].values()]
+    assert len(moments) == len(weights) and any(m.abs().sum() > 0 for pair in moments for m in pair)
+    assert all(torch.equal(adam["state"][k][n], adam_back["state"][k][n]) for k in adam["state"] for n in ("exp_avg", "exp_avg_sq"))
