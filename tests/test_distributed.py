@@ -122,10 +122,11 @@ def test_torchrun_two_processes_run_and_log_once(tmp_path, script):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(TINY_MODEL), reason="tiny model not built")
 @pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None, reason="vLLM not installed")
-def test_fsdp_vllm_run_checkpoint_and_resume(tmp_path):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fsdp_vllm_run_checkpoint_and_resume(tmp_path, script):
     out = tmp_path / "run"
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-            os.path.join(ROOT, "nano_grpo.py"), "--fsdp", "--rollout", "vllm", "--prompts_per_step", "4",
+            os.path.join(ROOT, script), "--fsdp", "--rollout", "vllm", "--prompts_per_step", "4",
             "--group_size", "4", "--eval_size", "16", "--save_every", "2", "--output_dir", str(out)]
     first = subprocess.run(base + ["--max_steps", "2"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]
