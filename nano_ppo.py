@@ -191,6 +191,9 @@ def parse_config(argv=None) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             sys.exit(f"error: --{key} {getattr(cfg, key)!r} is not one of: {', '.join(allowed)}")
+    if cfg.prompts_per_step < int(os.environ.get("WORLD_SIZE", 1)):  # torchrun: whole questions per rank
+        sys.exit(f"error: --prompts_per_step {cfg.prompts_per_step} is fewer than the {os.environ['WORLD_SIZE']} ranks; "
+                 "every rank needs at least one question per step")
     if cfg.fsdp and ("RANK" not in os.environ or cfg.rollout != "vllm" or cfg.critic_share_backbone
                      or cfg.prompts_per_step % int(os.environ.get("WORLD_SIZE", 1))):
         sys.exit("error: --fsdp needs torchrun, --rollout vllm, no --critic_share_backbone, and prompts_per_step divisible "

@@ -209,3 +209,14 @@ def test_ppo_fsdp_update_equals_one_process(tmp_path):
     moments = [(v["exp_avg"], v["exp_avg_sq"]) for v in adam["state"].values()]
     assert len(moments) == len(weights) and any(m.abs().sum() > 0 for pair in moments for m in pair)
     assert all(torch.equal(adam["state"][k][n], adam_back["state"][k][n]) for k in adam["state"] for n in ("exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fewer_questions_than_ranks_is_refused(monkeypatch, script):
+    """4 ranks and 2 questions per step: two ranks would have nothing to train on. One line, not a hang."""
+    module = __import__(script[:-3])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit) as e:
+        module.parse_config(["--prompts_per_step", "2"])
+    assert "fewer than the 4 ranks" in str(e.value)
+    module.parse_config(["--prompts_per_step", "4"])  # one each: fine
