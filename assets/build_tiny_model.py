@@ -1,6 +1,6 @@
 """build_tiny_model.py - build the tiny models nano-rlvr ships: assets/tiny-addition/ and its variants.
 
-    python assets/build_tiny_model.py [--variant cold-start|think-fusion|base] [--out DIR] [--seed 0]
+    python assets/build_tiny_model.py [--variant cold-start|think-fusion|base|base-web] [--out DIR] [--seed 0]
 
 RL from verifiable rewards improves a policy that already *sometimes* gets the answer right:
 GRPO learns only from groups whose rewards differ. DeepSeek-R1 therefore starts with a small
@@ -21,7 +21,7 @@ carry often enough (T=1) that a GRPO group of 8 usually holds a correct answer. 
 mistake RL has to fix, and the trace shows whether it did. The build is byte-for-byte
 reproducible: the same seed gives the same model.safetensors.
 
-Three variants, same tokenizer, architecture and sloppy teacher (chapter 14.3's case studies):
+Four variants, same tokenizer, architecture and sloppy teacher (chapter 14.3's case studies):
 
   cold-start    (default) -> assets/tiny-addition/: DeepSeek-R1's cold start, as described above.
   think-fusion  -> assets/tiny-addition-fusion/: Qwen 3's thinking-mode fusion. The user turn
@@ -37,6 +37,14 @@ Three variants, same tokenizer, architecture and sloppy teacher (chapter 14.3's 
                 plain language model (loss on every token) on documents of 1-4 lines such as
                 "47+38=75\n", the sloppy teacher's sums with no trace; it never sees the chat or
                 reasoning tags. It continues "47+38=" with a number, but knows no format.
+  base-web      -> assets/tiny-addition-base-web/: R1-Zero from a base model with a weak prior, as
+                real base models have (their web pre-training holds some R1-style transcripts).
+                The same pre-training as base, except that a share WEB_SHARE (3%) of the documents
+                are transcripts: the prompt nano_grpo.py gives this model (rewards.build_prompt:
+                "<|user|>47+38<|assistant|>"), the sloppy teacher's trace and answer, then EOS;
+                the loss is still on every token. (rewards.BASE_TEMPLATE, R1-Zero's plain-text
+                prompt, is ~218 tokens: longer than this model's 128 positions; nano_grpo.py uses
+                the tokenizer's chat template whenever there is one, for base and base-web alike.)
 """
 from __future__ import annotations
 
@@ -58,7 +66,7 @@ from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from rewards import addition_pairs, addition_trace  # noqa: E402
+from rewards import addition_pairs, addition_trace, build_prompt  # noqa: E402
 
 # Ids 0..9 are fixed (other code relies on pad=0, eos=1). pad, eos and unk are *special*: decode
 # (skip_special_tokens=True, vLLM's default) drops them. The chat and reasoning tags are
@@ -88,7 +96,11 @@ VARIANTS = {  # variant -> (default output folder, default SFT steps)
     "cold-start": ("tiny-addition", 600),
     "think-fusion": ("tiny-addition-fusion", 800),
     "base": ("tiny-addition-base", 600),
+    "base-web": ("tiny-addition-base-web", 600),
 }
+# base-web: the share of pre-training documents that are R1-format transcripts ("web pages with
+# R1-style reasoning"): small, and mostly wrong on carries (the sloppy teacher), so a weak prior.
+WEB_SHARE = 0.03
 
 
 def build_tokenizer() -> Qwen2Tokenizer:
@@ -174,21 +186,46 @@ def fusion_rows(tok, take, rng, args):
     return rows
 
 
+def plain_document(tok, take, rng, args) -> list[int]:
+    """1..max_lines lines "a+b=sum\\n" (the teacher's sum, no trace, no tags), then EOS."""
+    lines = []
+    for a, b in take(rng.randint(1, args.max_lines)):
+        answer = re.search(r"<answer>(\d+)</answer>", teacher(a, b, rng, args.p_carry)).group(1)
+        lines.append(f"{a}+{b}={answer}\n")
+    return tok.encode("".join(lines)) + [tok.eos_token_id]
+
+
+def transcript(tok, a: int, b: int, rng, args) -> str:
+    """base-web: an R1-format transcript, i.e. the prompt nano_grpo.py gives the model for the
+    question "a+b" (rewards.build_prompt with this tokenizer), then the sloppy teacher's reply."""
+    return build_prompt("addition", {"question": f"{a}+{b}"}, tok) + teacher(a, b, rng, args.p_carry)
+
+
 def base_rows(tok, take, rng, args):
-    """Plain-text pre-training: documents of 1..max_lines lines "a+b=sum\\n" (the teacher's sum,
-    no trace, no tags), then EOS; the loss is on every token, as in pre-training."""
+    """Plain-text pre-training: plain documents only; the loss is on every token."""
     rows = []
     for _ in range(args.batch_size):
-        lines = []
-        for a, b in take(rng.randint(1, args.max_lines)):
-            answer = re.search(r"<answer>(\d+)</answer>", teacher(a, b, rng, args.p_carry)).group(1)
-            lines.append(f"{a}+{b}={answer}\n")
-        ids = tok.encode("".join(lines)) + [tok.eos_token_id]
+        ids = plain_document(tok, take, rng, args)
         rows.append((ids, ids))
     return rows
 
 
-ROWS = {"cold-start": cold_start_rows, "think-fusion": fusion_rows, "base": base_rows}
+def base_web_rows(tok, take, rng, args):
+    """base's pre-training, but a document is an R1 transcript (then EOS) w.p. WEB_SHARE; the
+    loss is on every token of it too, prompt included: it is text, not a chat turn."""
+    rows = []
+    for _ in range(args.batch_size):
+        if rng.random() < WEB_SHARE:
+            (a, b), = take(1)
+            ids = tok.encode(transcript(tok, a, b, rng, args)) + [tok.eos_token_id]
+        else:
+            ids = plain_document(tok, take, rng, args)
+        rows.append((ids, ids))
+    return rows
+
+
+ROWS = {"cold-start": cold_start_rows, "think-fusion": fusion_rows, "base": base_rows,
+        "base-web": base_web_rows}
 
 
 def pad_rows(tok, rows):
@@ -216,7 +253,7 @@ def sft(model, tok, args) -> None:
         pairs, order = order[:n], order[n:]
         return pairs
 
-    bar = tqdm(range(args.steps), desc="SFT" if args.variant != "base" else "pre-train")
+    bar = tqdm(range(args.steps), desc="pre-train" if args.variant.startswith("base") else "SFT")
     for step in bar:
         ids, labels = pad_rows(tok, ROWS[args.variant](tok, take, rng, args))
         # HF shifts the labels and averages over the labelled tokens of the batch
@@ -313,7 +350,8 @@ def evaluate_variant(model, tok, args) -> None:
     else:
         report("plain text 'a+b='", evaluate(model, tok, args.seed, lambda a, b: f"{a}+{b}=",
                                              plain_sum_is_correct, form=re.compile(r"\d+\n.*", re.S)))
-        report("chat template (no format taught)", evaluate(model, tok, args.seed))
+        report("chat template (R1-Zero's prompt; " + ("no format taught)" if args.variant == "base"
+               else f"format in {WEB_SHARE:.0%} of documents)"), evaluate(model, tok, args.seed))
 
 
 def main() -> None:
@@ -345,13 +383,14 @@ def main() -> None:
         msg = [{"role": "user", "content": "47+38" + suffix}]
         chat = tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
         assert chat == prompt(47, 38, suffix)
+    assert transcript(tok, 47, 38, random.Random(0), args).startswith(prompt(47, 38) + "<think>")
     model = build_model(len(tok), args.seed)
     print(f"{args.variant}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"vocab {len(tok)}")
 
     t0 = time.time()
     sft(model, tok, args)
-    print(f"{'pre-training' if args.variant == 'base' else 'SFT'}: {args.steps} steps in "
+    print(f"{'pre-training' if args.variant.startswith('base') else 'SFT'}: {args.steps} steps in "
           f"{time.time() - t0:.0f} s")
 
     out = Path(args.out)

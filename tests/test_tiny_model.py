@@ -187,11 +187,14 @@ def test_rebuild_reproduces_the_shipped_files(tmp_path):  # ~2 min: in every `ma
 # the chapter's other two starting points, built by the same script (tested where built):
 #   assets/tiny-addition-fusion  (--variant think-fusion): Qwen 3's thinking-mode fusion
 #   assets/tiny-addition-base    (--variant base): plain arithmetic text only, R1-Zero's start
+#   assets/tiny-addition-base-web (--variant base-web): the same, with a few R1 transcripts mixed in
 # ---------------------------------------------------------------------------------------------
 FUSION_MODEL = os.path.join(ROOT, "assets", "tiny-addition-fusion")
 BASE_MODEL = os.path.join(ROOT, "assets", "tiny-addition-base")
+BASE_WEB_MODEL = os.path.join(ROOT, "assets", "tiny-addition-base-web")
 needs_fusion = pytest.mark.skipif(not os.path.isdir(FUSION_MODEL), reason="fusion model not built")
 needs_base = pytest.mark.skipif(not os.path.isdir(BASE_MODEL), reason="base model not built")
+needs_base_web = pytest.mark.skipif(not os.path.isdir(BASE_WEB_MODEL), reason="base-web model not built")
 
 
 def load(folder):
@@ -256,8 +259,48 @@ def test_base_model_continues_plain_arithmetic_and_knows_no_format():
     assert not any("<answer>" in o for o in chat)  # the R1 format was never taught
 
 
+def builder():
+    """assets/build_tiny_model.py as a module (it is a script, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_tiny_model",
+                                                  os.path.join(ROOT, "assets", "build_tiny_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_base_web
+def test_base_web_corpus_holds_the_stated_share_of_r1_transcripts():
+    """A weak prior: WEB_SHARE of the pre-training documents are the prompt nano_grpo.py gives this
+    model, then the sloppy teacher's R1-format reply; the rest are base's plain sums."""
+    import random
+    from types import SimpleNamespace
+
+    from rewards import build_prompt, format_reward
+    build = builder()
+    assert 0.03 <= build.WEB_SHARE <= 0.05
+    tok, model = load(BASE_WEB_MODEL)
+    check_shape_and_tokenizer(BASE_WEB_MODEL, tok, model)
+    rng, pairs = random.Random(0), build.addition_pairs("train")
+    take = lambda n: [rng.choice(pairs) for _ in range(n)]  # noqa: E731
+    args = SimpleNamespace(batch_size=64, p_carry=0.2, max_lines=4)
+    docs = [tok.decode(ids) for _ in range(100) for ids, _ in build.base_web_rows(tok, take, rng, args)]
+    transcripts = [d for d in docs if d.startswith("<|user|>")]
+    assert abs(len(transcripts) / len(docs) - build.WEB_SHARE) < 0.01, len(transcripts) / len(docs)
+    for d in transcripts:
+        m = re.fullmatch(r"(<\|user\|>(\d+)\+(\d+)<\|assistant\|>)(.*)<\|endoftext\|>", d)
+        assert m[1] == build_prompt("addition", {"question": f"{m[2]}+{m[3]}"}, tok)  # nano_grpo's prompt
+        assert format_reward(m[4]) == 1.0
+    assert all(re.fullmatch(r"(\d+\+\d+=\d+\n){1,4}<\|endoftext\|>", d) for d in docs if d not in transcripts)
+    # the prior it leaves: the prompt is continued in the format (the arithmetic is another matter)
+    outs = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in addition_examples("test", n=50, seed=0)]),
+                            skip_special_tokens=True)
+    assert sum(format_reward(o) for o in outs) >= 40
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,folder", [("think-fusion", FUSION_MODEL), ("base", BASE_MODEL)])
+@pytest.mark.parametrize("variant,folder", [("think-fusion", FUSION_MODEL), ("base", BASE_MODEL),
+                                            ("base-web", BASE_WEB_MODEL)])
 def test_rebuild_reproduces_the_variant_files(tmp_path, variant, folder):
     if not os.path.isdir(folder):
         pytest.skip(f"{folder} not built")
