@@ -37,10 +37,12 @@ STUDIES = {
     },
     # Chapter figure 14.3: PPO's total shaped reward, task reward and negative KL reward.
     "fig14_3": {"ppo": ("nano_ppo.py", [])},
-    # DeepSeek R1 vs R1-Zero: RL from the cold-start SFT model vs from a base model never shown the format.
+    # DeepSeek R1 vs R1-Zero: RL from the cold-start SFT model vs from a base model never shown the format,
+    # and from a base model with a weak prior (3% of its pre-training documents are R1-format transcripts).
     "r1_zero": {
         "cold-start": ("nano_grpo.py", []),
         "r1-zero": ("nano_grpo.py", ["--model", "assets/tiny-addition-base"]),
+        "r1-zero-web": ("nano_grpo.py", ["--model", "assets/tiny-addition-base-web"]),
     },
     # Qwen 3: one model, two modes; accuracy against the thinking budget, before and after RL.
     "think_budget": {
