@@ -280,7 +280,8 @@ def sync_weights(llm, model):
 def check_engine_weights(llm, model, probe: list[int], atol: float) -> float:
     """Does the engine hold the trainer's weights? Compare both models' log-probs of the probe
     prompt's own tokens: uncertain tokens (the digits of a question) move with any weight change,
-    where a confident greedy token would not. fp32 engines agree to ~1e-6 (bf16: ~1e-2)."""
+    where a confident greedy token would not. fp32 engines agree to ~1e-6 (rare tokens of a model
+    sharpened by training: up to ~1e-4; bf16: ~1e-2); one step on a stale engine moves them by >= 1e-2."""
     from vllm import SamplingParams, TokensPrompt
     params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
     out = llm.generate([TokensPrompt(prompt_token_ids=probe)], params, use_tqdm=False)[0]
@@ -771,7 +772,7 @@ def main(cfg: Config):
     eval_prompts = [prompt_of(ex) for ex in eval_examples]
 
     engine, probe = model, eval_prompts[0]  # probe: a prompt for the weight-sync check
-    sync_atol = 5e-2 if cfg.bf16 else 1e-4  # bf16 rounding vs fp32: see check_engine_weights
+    sync_atol = 5e-2 if cfg.bf16 else 1e-3  # bf16 rounding vs fp32: see check_engine_weights
     if cfg.rollout == "vllm":
         engine = start_vllm(cfg, cfg.model if cfg.offline_rollouts else resume_from or cfg.model, cfg.seed)
         if not cfg.offline_rollouts:

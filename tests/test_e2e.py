@@ -154,16 +154,16 @@ def test_sync_check_catches_a_stale_engine(tiny, llm):
     """The check alone: the trainer takes one real step, the engine is not told."""
     model, tok, prompts = tiny
     model = __import__("copy").deepcopy(model)
-    assert G.check_engine_weights(llm, model, prompts[0], 1e-4) < 1e-4  # same weights: passes
+    assert G.check_engine_weights(llm, model, prompts[0], 1e-3) < 1e-3  # same weights: passes
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     samples = G.generate(model, prompts[:2], 2, 1.0, 32, tok.eos_token_id, seed=0)
     b = G.make_batch(samples, tok.pad_token_id)
     (-(G.token_logprobs(model, b["input_ids"], b["attention_mask"], 1.0) * b["response_mask"]).sum()).backward()
     opt.step()
     with pytest.raises(SystemExit, match="does not hold the trainer's weights"):
-        G.check_engine_weights(llm, model, prompts[0], 1e-4)
+        G.check_engine_weights(llm, model, prompts[0], 1e-3)
     G.sync_weights(llm, model)  # the real sync fixes it
-    assert G.check_engine_weights(llm, model, prompts[0], 1e-4) < 1e-4
+    assert G.check_engine_weights(llm, model, prompts[0], 1e-3) < 1e-3
 
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=has_vllm)])
