@@ -197,8 +197,9 @@ class _TimeUp(BaseException):
 def _verify_in_time(pred: str, gold: str) -> bool:
     """_verify_latex, but False after MATH_TIMEOUT_S of wall-clock time.
 
-    Signals can interrupt sympy only in the main thread: there a one-shot SIGALRM timer does it
-    (the caller's SIGALRM handler and pending timer are restored afterwards). Any other thread
+    Signals can interrupt sympy only in the main thread: there a SIGALRM timer does it, striking
+    again every 50 ms until the comparison ends (a strike inside a finalizer is swallowed); the
+    caller's SIGALRM handler and pending timer are restored afterwards. Any other thread
     sends the comparison to a helper process, which is killed when it is late (_judge_equal).
     """
     if threading.current_thread() is not threading.main_thread():
