@@ -224,6 +224,11 @@ def load_model(name: str, cfg: Config):
     return model, tokenizer
 
 
+class Critic(torch.nn.Module):  # calling it runs critic_values inside the module hooks that --fsdp needs
+    def forward(self, input_ids, attention_mask):
+        return critic_values(self, input_ids, attention_mask).clone()  # FSDP's backward hook: not on a view
+
+
 def build_critic(model, share_backbone: bool = False) -> torch.nn.Module:
     """The value model: the policy's transformer (no LM head) with a fresh scalar head on top.
 
@@ -247,11 +252,6 @@ def critic_values(critic, input_ids, attention_mask) -> torch.Tensor:
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L], as in token_logprobs
     hidden = critic.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return critic.head(hidden[:, :-1]).squeeze(-1).float()  # [B, L-1]
-
-
-class Critic(torch.nn.Module):  # calling it runs critic_values inside the module hooks that --fsdp needs
-    def forward(self, input_ids, attention_mask):
-        return critic_values(self, input_ids, attention_mask).clone()  # FSDP's backward hook: not on a view
 
 
 # ==== 3. Rollout: G answers per question, from vLLM (fast) or model.generate (fallback) =========

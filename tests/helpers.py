@@ -1,4 +1,6 @@
-"""Small things several test files share: a random tiny Qwen2 and hand-made rollout samples."""
+"""Small things several test files share: a random tiny Qwen2, hand-made rollout samples, script runs."""
+import importlib.util
+import json
 import os
 import random
 import sys
@@ -8,6 +10,18 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 TINY_MODEL = os.path.join(ROOT, "assets", "tiny-addition")
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def run_script(module, args, out_dir):
+    """module.main() on these flags (as the command line would give them); (its result, metrics rows)."""
+    out = module.main(module.parse_config(args + ["--output_dir", str(out_dir)]))
+    return out, [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def without_times(rows):
+    """Metrics rows without the wall-clock timings (the only keys two identical runs may differ in)."""
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
 
 
 def random_model(vocab=40, seed=0):

@@ -1,30 +1,22 @@
 """End-to-end: a few steps of nano_ppo.py on the shipped tiny model, with HF and vLLM rollouts,
 a resume, and bad-input errors."""
-import json
 import os
 import sys
 
 import pytest
 
-from helpers import TINY_MODEL
+from helpers import HAS_VLLM, TINY_MODEL, run_script, without_times
 import nano_ppo as P
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(TINY_MODEL), reason="tiny model not built")
 SHORT = ["--max_steps", "2", "--prompts_per_step", "8", "--num_mini_batches", "2", "--eval_size", "16",
          "--eval_every", "2", "--save_every", "2"]
-has_vllm = pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None, reason="vLLM not installed")
+has_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
 FIGURE_14_3 = ("reward_total", "reward", "reward_kl")  # total shaped reward, task reward, negative KL reward
 
 
 def run(tmp_path, *flags, name="run"):
-    cfg = P.parse_config(SHORT + ["--output_dir", str(tmp_path / name), *flags])
-    out = P.main(cfg)
-    rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
-    return out, rows
-
-
-def without_times(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    return run_script(P, SHORT + list(flags), tmp_path / name)
 
 
 def test_hf_rollout_run_end_to_end(tmp_path, capsys):
