@@ -49,3 +49,30 @@ def random_samples(n_groups=3, group_size=4, vocab=40, seed=0, eos_id=1):
             samples.append(dict(prompt_ids=list(prompt), response_ids=response, truncated=truncated,
                                 reward=float(rng.random() < 0.5), components={"correct": 0.0}))
     return samples
+
+
+def grpo_train(G, model, ref_model, optimizer, samples, advantages, cfg, pad_id=0):
+    """G.train_on_batch on rollout samples with one advantage per answer ([B] tensor)."""
+    batch = G.make_batch(samples, pad_id)
+    batch["advantages"] = advantages[:, None] * batch["response_mask"]  # [B, T]
+    return G.train_on_batch(model, ref_model, optimizer, batch, cfg)
+
+
+def ppo_train(P, model, ref_model, critic, optimizer, critic_optimizer, samples, cfg, pad_id=0,
+              beta=None):
+    """P.train_on_batch on rollout samples (scored by P.answer_scores)."""
+    batch = P.make_batch(samples, pad_id)
+    batch["scores"] = P.answer_scores(samples, cfg)
+    beta = cfg.beta if beta is None else beta
+    return P.train_on_batch(model, ref_model, critic, (optimizer, critic_optimizer), batch, cfg, beta)
+
+
+@torch.no_grad()
+def response_logprobs(module, model, samples, temperature):
+    """Per-token log-probs of each sample's answer under `model`, as lists (to compare with the
+    sampler's), computed by the script's own make_batch and token_logprobs."""
+    batch = module.make_batch(samples, pad_id=0)
+    device = next(model.parameters()).device
+    ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    logp = module.token_logprobs(model, ids, attention, temperature).cpu()
+    return [logp[b][batch["response_mask"][b] > 0].tolist() for b in range(len(samples))]

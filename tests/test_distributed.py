@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import ROOT, TINY_MODEL, random_model, random_samples
+from helpers import ROOT, TINY_MODEL, random_model, random_samples, grpo_train, ppo_train
 import nano_grpo as G
 
 SCRIPTS = ["nano_grpo.py"] + (["nano_ppo.py"] if os.path.exists(os.path.join(ROOT, "nano_ppo.py")) else [])
@@ -31,7 +31,7 @@ def one_step(samples, adv, cfg):
     """One SGD(lr=1) step from the same random model: the update IS minus the gradient."""
     model = random_model()
     model.train()
-    G.train_on_batch(model, None, torch.optim.SGD(model.parameters(), lr=1.0), samples, adv, cfg, pad_id=0)
+    grpo_train(G, model, None, torch.optim.SGD(model.parameters(), lr=1.0), samples, adv, cfg, pad_id=0)
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
@@ -79,7 +79,7 @@ def fsdp_worker(rank, world, init_file, out_dir):
         G.shard(model, None)
         model.train()
         cfg = G.Config(loss_agg=loss_agg, beta=0.0, max_grad_norm=1e9, micro_batch_size=3)
-        G.train_on_batch(model, None, torch.optim.SGD(model.parameters(), lr=1.0), [samples[i] for i in mine], adv[mine], cfg, 0)
+        grpo_train(G, model, None, torch.optim.SGD(model.parameters(), lr=1.0), [samples[i] for i in mine], adv[mine], cfg, 0)
         params = torch.cat([G.full_tensor(p).flatten() for p in model.parameters()])
         torch.save(params, os.path.join(out_dir, f"fsdp-{loss_agg}-rank{rank}.pt"))
     end_group()
@@ -145,7 +145,7 @@ def ppo_step(samples, cfg, fsdp=False):
     if fsdp:
         P.shard(model, ref, critic)
     model.train(), critic.train()
-    P.train_on_batch(model, ref, critic, torch.optim.SGD(model.parameters(), lr=1.0),
+    ppo_train(P, model, ref, critic, torch.optim.SGD(model.parameters(), lr=1.0),
                      torch.optim.SGD(critic.parameters(), lr=1.0), samples, cfg, pad_id=0, beta=cfg.beta)
     return torch.cat([P.full_tensor(p).flatten() for m in (model, critic) for p in m.parameters()])
 

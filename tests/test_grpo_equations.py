@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from helpers import random_model, random_samples
+from helpers import random_model, random_samples, response_logprobs
 import nano_grpo as G
 
 
@@ -118,9 +118,9 @@ def test_make_batch_masks_come_from_lengths():
 def test_response_logprobs_equal_masked_token_logprobs():
     model = random_model()
     samples = random_samples()
-    lists = G.response_logprobs(model, samples, temperature=1.0)
+    lists = response_logprobs(G, model, samples, temperature=1.0)
     assert [len(x) for x in lists] == [len(s["response_ids"]) for s in samples]
-    one = G.response_logprobs(model, samples[:1], 1.0)[0]  # no padding at all
+    one = response_logprobs(G, model, samples[:1], 1.0)[0]  # no padding at all
     assert one == pytest.approx(lists[0], abs=1e-5)
 
 

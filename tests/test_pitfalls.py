@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import random_model, random_samples
+from helpers import random_model, random_samples, grpo_train, response_logprobs
 import nano_grpo as G
 
 
@@ -15,7 +15,7 @@ def grads_after(model, samples, advantages, cfg, beta_ref=None):
     """Run train_on_batch with a zero learning rate and return the accumulated gradient."""
     model = copy.deepcopy(model).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    G.train_on_batch(model, beta_ref, opt, samples, advantages, cfg, pad_id=0)
+    grpo_train(G, model, beta_ref, opt, samples, advantages, cfg, pad_id=0)
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -100,10 +100,10 @@ def test_logged_metrics_recomputed_independently():
         s["components"] = {"correct": s["reward"], "format": 1.0}
         s["rollout_logprobs"] = None
     cfg = make_cfg(beta=0.1, micro_batch_size=3, temperature=0.9)
-    for s, lp in zip(samples, G.response_logprobs(model, samples, cfg.temperature)):
+    for s, lp in zip(samples, response_logprobs(G, model, samples, cfg.temperature)):
         s["rollout_logprobs"] = [x + 0.01 for x in lp]  # a known sampler/trainer gap of 0.01
     adv = G.group_advantages(torch.tensor([s["reward"] for s in samples]), 4)
-    m = G.train_on_batch(copy.deepcopy(model).train(), ref, torch.optim.SGD(model.parameters(), lr=0.0),
+    m = grpo_train(G, copy.deepcopy(model).train(), ref, torch.optim.SGD(model.parameters(), lr=0.0),
                          samples, adv, cfg, pad_id=0)
     # independent recomputation, token by token, with plain python loops
     kl, ent, n = 0.0, 0.0, 0
@@ -136,7 +136,7 @@ def test_loss_near_zero_but_gradient_not():
     model = random_model()
     samples = random_samples(n_groups=4, group_size=4)
     adv = G.group_advantages(torch.tensor([s["reward"] for s in samples]), 4)
-    m = G.train_on_batch(copy.deepcopy(model).train(), None, torch.optim.SGD(model.parameters(), lr=0.0),
+    m = grpo_train(G, copy.deepcopy(model).train(), None, torch.optim.SGD(model.parameters(), lr=0.0),
                          samples, adv, make_cfg(loss_agg="token-mean"), pad_id=0)
     assert abs(m["loss"]) < 0.5 * m["grad_norm"]  # |loss| = |mean(-A)| is small; the gradient is not
     assert m["grad_norm"] > 1e-3
@@ -148,7 +148,7 @@ def test_tis_weights_tokens_by_capped_ratio(gap, cap, scale):
     """The sampler gave each token log-prob (trainer's - gap): weight = min(exp(gap), cap)."""
     model = random_model()
     samples = random_samples(n_groups=2, group_size=4)
-    for s, lp in zip(samples, G.response_logprobs(model, samples, 1.0)):
+    for s, lp in zip(samples, response_logprobs(G, model, samples, 1.0)):
         s["rollout_logprobs"] = [x - gap for x in lp]
     adv = G.group_advantages(torch.tensor([s["reward"] for s in samples]), 4)
     plain = grads_after(model, samples, adv, make_cfg())

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from helpers import random_model, random_samples
+from helpers import random_model, random_samples, ppo_train, response_logprobs
 import nano_ppo as P
 
 
@@ -213,7 +213,7 @@ def ppo_grads(model, critic, ref, samples, cfg, share):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     copt = torch.optim.SGD(critic.head.parameters() if share else critic.parameters(), lr=0.0)
     torch.manual_seed(0)
-    m = P.train_on_batch(model, ref, critic, opt, copt, samples, cfg, pad_id=0, beta=cfg.beta)
+    m = ppo_train(P, model, ref, critic, opt, copt, samples, cfg, pad_id=0, beta=cfg.beta)
     params = list(model.parameters()) + list(critic.head.parameters() if share else critic.parameters())
     return torch.cat([p.grad.flatten() for p in params]), m
 
@@ -244,10 +244,10 @@ def test_first_step_metrics_by_hand():
     for s in samples:
         s["rollout_logprobs"] = None
     cfg = P.Config(beta=0.05, gamma=1.0, lam=1.0, ppo_epochs=1, num_mini_batches=1, micro_batch_size=3)
-    m = P.train_on_batch(copy.deepcopy(model).train(), ref, critic, torch.optim.SGD(model.parameters(), lr=0.0),
+    m = ppo_train(P, copy.deepcopy(model).train(), ref, critic, torch.optim.SGD(model.parameters(), lr=0.0),
                          torch.optim.SGD(critic.parameters(), lr=0.0), samples, cfg, pad_id=0, beta=cfg.beta)
-    lp = P.response_logprobs(model, samples, 1.0)
-    lr = P.response_logprobs(ref, samples, 1.0)
+    lp = response_logprobs(P, model, samples, 1.0)
+    lr = response_logprobs(P, ref, samples, 1.0)
     kl = [sum(max(a - b, 0.0) for a, b in zip(x, y)) for x, y in zip(lp, lr)]
     assert m["reward_kl"] == pytest.approx(-0.05 * sum(kl) / 8, rel=1e-4)
     assert m["reward_total"] == pytest.approx(sum(s["reward"] for s in samples) / 8 + m["reward_kl"], rel=1e-4)
@@ -265,7 +265,7 @@ def test_explained_variance_and_value_metrics_by_hand():
     for s in samples:
         s["rollout_logprobs"] = None
     cfg = P.Config(beta=0.05, ppo_epochs=1, num_mini_batches=1, micro_batch_size=3)
-    m = P.train_on_batch(copy.deepcopy(model).train(), ref, copy.deepcopy(critic), torch.optim.SGD(model.parameters(), lr=0.0),
+    m = ppo_train(P, copy.deepcopy(model).train(), ref, copy.deepcopy(critic), torch.optim.SGD(model.parameters(), lr=0.0),
                          torch.optim.SGD(critic.parameters(), lr=0.0), samples, cfg, pad_id=0, beta=cfg.beta)
     b = P.make_batch(samples, pad_id=0)
     mask = b["response_mask"]
@@ -296,7 +296,7 @@ def test_approx_kl_after_an_update_by_hand():
     def run(epochs, stop=0.0):
         policy, critic = copy.deepcopy(model).train(), P.build_critic(model)
         cfg = P.Config(beta=0.05, ppo_epochs=epochs, num_mini_batches=1, micro_batch_size=64, approx_kl_stop=stop)
-        m = P.train_on_batch(policy, ref, critic, torch.optim.SGD(policy.parameters(), lr=0.5),
+        m = ppo_train(P, policy, ref, critic, torch.optim.SGD(policy.parameters(), lr=0.5),
                              torch.optim.SGD(critic.parameters(), lr=0.0), samples, cfg, pad_id=0, beta=cfg.beta)
         return policy, m
 
