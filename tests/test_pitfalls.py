@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from helpers import random_model, random_samples, grpo_train, response_logprobs
+from helpers import RecordingSGD, grpo_train, random_model, random_samples, response_logprobs
 import nano_grpo as G
 
 
 def grads_after(model, samples, advantages, cfg, beta_ref=None):
     """Run train_on_batch with a zero learning rate and return the accumulated gradient."""
     model = copy.deepcopy(model).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = RecordingSGD(model.parameters(), lr=0.0)
     grpo_train(G, model, beta_ref, opt, samples, advantages, cfg, pad_id=0)
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
+    return torch.cat([opt.grads[p].flatten() for p in model.parameters()])
 
 
 def make_cfg(**kw):

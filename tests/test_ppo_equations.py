@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from helpers import random_model, random_samples, ppo_train, response_logprobs
+from helpers import RecordingSGD, ppo_train, random_model, random_samples, response_logprobs
 import nano_ppo as P
 
 
@@ -210,12 +210,13 @@ def ppo_grads(model, critic, ref, samples, cfg, share):
     model, critic = copy.deepcopy(model).train(), copy.deepcopy(critic).train()
     if share:  # the deep copies must share one trunk again
         critic.backbone = model.base_model
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    copt = torch.optim.SGD(critic.head.parameters() if share else critic.parameters(), lr=0.0)
+    opt = RecordingSGD(model.parameters(), lr=0.0)
+    copt = RecordingSGD(critic.head.parameters() if share else critic.parameters(), lr=0.0)
     torch.manual_seed(0)
     m = ppo_train(P, model, ref, critic, opt, copt, samples, cfg, pad_id=0, beta=cfg.beta)
-    params = list(model.parameters()) + list(critic.head.parameters() if share else critic.parameters())
-    return torch.cat([p.grad.flatten() for p in params]), m
+    grads = [opt.grads[p] for p in model.parameters()]
+    grads += [copt.grads[p] for p in (critic.head.parameters() if share else critic.parameters())]
+    return torch.cat([g.flatten() for g in grads]), m
 
 
 @pytest.mark.parametrize("loss_agg,share", [(agg, False) for agg in P.CHOICES["loss_agg"]] + [("token-mean", True)])
