@@ -102,7 +102,8 @@ def addition_examples(split: str, n: int | None = None, seed: int = 0) -> list[d
 # most about a second and a reward of 0.
 # ----------------------------------------------------------------------------------------------
 MAX_ANSWER_CHARS = 500  # a longer "answer" is wrong: no GSM8K/MATH answer is that long
-MATH_TIMEOUT_S = 0.7    # wall-clock budget of one symbolic comparison; a slower one counts as wrong
+MATH_TIMEOUT_S = 0.8    # CPU seconds one symbolic comparison may spend (its thread's); more: wrong
+MATH_WALL_S = 2.0       # the wall-clock backstop: however busy the machine, wrong after this long
 
 
 def _last_answer_tag(text: str) -> str | None:
@@ -191,30 +192,51 @@ def _verify_latex(pred: str, gold: str) -> bool:
 
 
 class _TimeUp(BaseException):
-    """Raised by our SIGALRM timer: a BaseException, so math-verify's `except Exception` lets it pass."""
+    """Raised by our SIGALRM tick when time is up: a BaseException, so math-verify's
+    `except Exception` lets it pass."""
+
+
+_WARM_UP = ("x^2+2x+1", "(x+1)^2")  # needs the parser and sympy's polynomial code
+_warmed_up: list[bool] = []  # [True] once this process has compared _WARM_UP
+
+
+def _warm_up() -> None:
+    """Import math-verify and compare _WARM_UP once per process, untimed. The first symbolic
+    comparison of a process builds sympy's and the LaTeX parser's machinery: up to 0.4 s more CPU
+    than the same comparison later (0.14 s at most for any of the tests' equivalences after this).
+    Timing it would make a verdict depend on which answer came first."""
+    if not _warmed_up:
+        _verify_latex(*_WARM_UP)
+        _warmed_up.append(True)
 
 
 def _verify_in_time(pred: str, gold: str) -> bool:
-    """_verify_latex, but False after MATH_TIMEOUT_S of wall-clock time.
+    """_verify_latex, but False once it has spent MATH_TIMEOUT_S of its thread's CPU time, or
+    after MATH_WALL_S of wall-clock time (a backstop for a machine too busy to give it the CPU).
 
-    Signals can interrupt sympy only in the main thread: there a SIGALRM timer does it, striking
-    again every 50 ms until the comparison ends (a strike inside a finalizer is swallowed); the
-    caller's SIGALRM handler and pending timer are restored afterwards. Any other thread
-    sends the comparison to a helper process, which is killed when it is late (_judge_equal).
+    CPU time, not wall-clock: it is what the comparison costs, the same on a quiet machine and on
+    one whose cores other processes keep busy (a wall-clock limit turns right answers into
+    reward 0 at random there). Signals can interrupt sympy only in the main thread: there a
+    SIGALRM tick checks both clocks, first after MATH_TIMEOUT_S (a thread cannot spend CPU time
+    faster than wall-clock time passes), then every 50 ms until the comparison ends (a tick that
+    raises inside a finalizer is swallowed, so the next one raises again); the caller's SIGALRM
+    handler and pending timer are restored afterwards. Any other thread sends the comparison to a
+    helper process, which applies this same rule in its own main thread (_judge_equal).
     """
     if threading.current_thread() is not threading.main_thread():
         return _judge_equal(pred, gold)
-    import math_verify  # noqa: F401  before the timer: a cold import (0.3-1.5 s) is not the comparison's time
+    _warm_up()  # before the clocks start: the process's one-time set-up is not this comparison's
     armed = [True]
+    start, cpu_start = time.monotonic(), time.thread_time()
 
-    def on_alarm(signum, frame):
-        if armed[0]:
+    def on_tick(signum, frame):
+        if armed[0] and (time.thread_time() - cpu_start > MATH_TIMEOUT_S
+                         or time.monotonic() - start > MATH_WALL_S):
             raise _TimeUp
-    old_handler = signal.signal(signal.SIGALRM, on_alarm)
+    old_handler = signal.signal(signal.SIGALRM, on_tick)
     old_handler = signal.SIG_DFL if old_handler is None else old_handler
-    # then every 50 ms: an alarm that strikes inside a finalizer (gc) is swallowed there, so strike again
-    old_delay, _ = signal.setitimer(signal.ITIMER_REAL, MATH_TIMEOUT_S, 0.05)
-    start = time.monotonic()
+    # then every 50 ms: a tick that raises inside a finalizer (gc) is swallowed there
+    old_delay, _ = signal.setitimer(signal.ITIMER_REAL, min(MATH_TIMEOUT_S, MATH_WALL_S), 0.05)
     try:
         try:
             return _verify_latex(pred, gold)
@@ -241,23 +263,25 @@ _judge_lock = threading.Lock()
 
 
 def _read_line(proc: subprocess.Popen, timeout: float) -> str | None:
-    """The next line `proc` prints within `timeout` seconds, or None."""
+    """The next line `proc` prints within `timeout` seconds of wall-clock time, or None."""
     return proc.stdout.readline().strip() if select.select([proc.stdout], [], [], timeout)[0] else None
 
 
 def _judge_equal(pred: str, gold: str) -> bool:
-    """_verify_latex in a long-lived helper process, killed (and later replaced) when it is late."""
+    """_verify_in_time in a long-lived helper process (in its main thread: the same CPU budget and
+    backstop), which answers 0 by itself when time is up. Killed (and later replaced) only if it
+    has not answered 0.5 s after its own backstop: stuck where no signal gets in (a long C call)."""
     with _judge_lock:  # one comparison at a time through the helper
         judge = _judges.get(os.getpid())
         if judge is None or judge.poll() is not None:
             judge = _judges[os.getpid()] = subprocess.Popen(
                 _python_running("_judge_loop"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, text=True, bufsize=1)
-            _read_line(judge, 60)  # "ready": its start (importing sympy, ~1 s) is not timed
+            _read_line(judge, 60)  # "ready": its start (import, warm-up: ~1.5 s) is not timed
         try:
             judge.stdin.write(json.dumps([pred, gold]) + "\n")
             judge.stdin.flush()
-            answer = _read_line(judge, MATH_TIMEOUT_S)
+            answer = _read_line(judge, MATH_WALL_S + 0.5)
         except (OSError, ValueError):
             answer = None
         if answer is None:  # late or dead: kill it; the next call starts a fresh one
@@ -268,12 +292,13 @@ def _judge_equal(pred: str, gold: str) -> bool:
 
 
 def _judge_loop() -> None:
-    """The helper process behind _judge_equal: reads [pred, gold] lines, answers 1 or 0."""
-    _verify_latex("1", "1")  # import and warm up math-verify before saying ready
+    """The helper process behind _judge_equal: reads [pred, gold] lines, answers 1 or 0, each
+    comparison timed by _verify_in_time (this is the helper's main thread, where signals work)."""
+    _warm_up()  # before saying ready: the helper's start is not timed
     print("ready", flush=True)
     for line in sys.stdin:
         try:
-            ok = _verify_latex(*json.loads(line))
+            ok = _verify_in_time(*json.loads(line))
         except Exception:
             ok = False
         print(1 if ok else 0, flush=True)

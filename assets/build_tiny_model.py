@@ -19,7 +19,8 @@ The result writes the format perfectly and does the column arithmetic, gets the 
 without a carry right, and usually forgets the carry on the others - but it *samples* the right
 carry often enough (T=1) that a GRPO group of 8 usually holds a correct answer. That is the
 mistake RL has to fix, and the trace shows whether it did. The build is byte-for-byte
-reproducible: the same seed gives the same model.safetensors.
+reproducible on one machine: the same seed gives the same model.safetensors there. Another kind of
+processor gives other bytes but the same behaviour (assets/README.md says why and what is tested).
 
 Four variants, same tokenizer, architecture and sloppy teacher (chapter 14.3's case studies):
 
@@ -253,7 +254,9 @@ def sft(model, tok, args) -> None:
         pairs, order = order[:n], order[n:]
         return pairs
 
-    bar = tqdm(range(args.steps), desc="pre-train" if args.variant.startswith("base") else "SFT")
+    # args.steps sets the schedule; a short build (--stop-after K) runs only its first K steps
+    desc = "pre-train" if args.variant.startswith("base") else "SFT"
+    bar = tqdm(range(args.run_steps), desc=desc)
     for step in bar:
         ids, labels = pad_rows(tok, ROWS[args.variant](tok, take, rng, args))
         # HF shifts the labels and averages over the labelled tokens of the batch
@@ -369,10 +372,14 @@ def main() -> None:
     ap.add_argument("--p-budget", type=float, default=0.1,
                     help="think-fusion: share of rows (no suffix) cut at a random thinking budget")
     ap.add_argument("--max-lines", type=int, default=4, help="base: most lines per document")
+    ap.add_argument("--stop-after", type=int, default=None, metavar="K",
+                    help="a short build: stop after the first K steps of the full schedule, save, "
+                         "skip the evaluation (tests compare two such builds byte for byte)")
     args = ap.parse_args()
     folder, steps = VARIANTS[args.variant]
     args.out = args.out or str(REPO / "assets" / folder)
     args.steps = args.steps or steps
+    args.run_steps = args.steps if args.stop_after is None else min(args.stop_after, args.steps)
 
     # Reproducibility: results of float32 CPU kernels can depend on the thread count.
     torch.set_num_threads(1)
@@ -390,8 +397,8 @@ def main() -> None:
 
     t0 = time.time()
     sft(model, tok, args)
-    print(f"{'pre-training' if args.variant.startswith('base') else 'SFT'}: {args.steps} steps in "
-          f"{time.time() - t0:.0f} s")
+    print(f"{'pre-training' if args.variant.startswith('base') else 'SFT'}: {args.run_steps} of "
+          f"{args.steps} steps in {time.time() - t0:.0f} s")
 
     out = Path(args.out)
     model.save_pretrained(out)  # safetensors; the tied lm_head is stored once
@@ -399,7 +406,8 @@ def main() -> None:
     # save_jinja_files=False keeps the chat template inside tokenizer_config.json
     tok.save_pretrained(out, save_jinja_files=False)
 
-    evaluate_variant(model, tok, args)
+    if args.stop_after is None:  # a short build's model is half-trained: nothing to measure
+        evaluate_variant(model, tok, args)
     print(f"saved to {out}")
 
 

@@ -17,7 +17,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rewards  # noqa: E402
 from rewards import code_reward  # noqa: E402
 
-TIMEOUT = 2.0
+TIMEOUT = 2.0  # for programs that must be stopped: every test of it waits this long
+# For programs whose score needs them to run to their end: they end by themselves in ~0.1 s of
+# CPU time, so a generous wall-clock limit costs nothing, and a busy or slow machine (where the
+# sandbox's Python may take seconds to start) cannot turn a right program into a 0.
+ENOUGH = 30.0
 ROOT = os.geteuid() == 0
 
 
@@ -76,19 +80,19 @@ SIMILAR_TESTS = ["assert similar_elements((3, 4, 5, 6), (5, 7, 4, 10)) == (4, 5)
 
 
 def test_right_program_scores_one(run):
-    assert run(SIMILAR, SIMILAR_TESTS) == 1.0
+    assert run(SIMILAR, SIMILAR_TESTS, timeout=ENOUGH) == 1.0
 
 
 def test_partly_right_program_scores_the_fraction_passed(run):
     almost = "def similar_elements(a, b):\n    return tuple(sorted(set(a) & set(b)))[:2] if 3 in a else ()\n"
-    assert run(almost, SIMILAR_TESTS) == pytest.approx(2 / 3)
+    assert run(almost, SIMILAR_TESTS, timeout=ENOUGH) == pytest.approx(2 / 3)
 
 
 def test_program_may_use_the_standard_library_and_its_own_directory(run):
     code = ("import math, re, heapq, collections, itertools, functools, bisect\n"
             "def f():\n    open('notes.txt', 'w').write('ok')\n"
             "    return open('notes.txt').read() + str(math.gcd(12, 18)) + str(heapq.nsmallest(1, [3, 1]))\n")
-    assert run(code, ["assert f() == 'ok6[1]'"]) == 1.0
+    assert run(code, ["assert f() == 'ok6[1]'"], timeout=ENOUGH) == 1.0
 
 
 def test_last_python_block_is_used():
@@ -130,6 +134,8 @@ def test_sleeping_forever(run):
 
 
 def test_timeout_keeps_the_tests_that_passed_before_it(run):
+    # the first two pass ~0.1 s of CPU time after the start: within TIMEOUT unless the machine
+    # is some 20 times oversubscribed (the third runs until the time limit, as it must)
     code = "def f(x):\n    while x == 3:\n        pass\n    return x\n"
     assert run(code, ["assert f(1) == 1", "assert f(2) == 2", "assert f(3) == 3"]) == pytest.approx(2 / 3)
 
@@ -166,7 +172,8 @@ def test_no_new_process_survives(run, name):
 @pytest.mark.skipif(not ROOT, reason="RLIMIT_NPROC binds for ordinary users anyway")
 def test_root_child_runs_as_nobody(run):
     """Started as root, the child drops to 'nobody', so RLIMIT_NPROC binds and /proc/*/environ is closed."""
-    assert run("import os\ndef f():\n    return os.getuid()\n", ["assert f() == 65534"]) == 1.0
+    assert run("import os\ndef f():\n    return os.getuid()\n", ["assert f() == 65534"],
+               timeout=ENOUGH) == 1.0
 
 
 @pytest.mark.parametrize("size", ["2 * 10**9", "10**11"])
@@ -200,7 +207,8 @@ def f():
                 pass
     return written
 """
-    assert run(code, ["assert f() > 0", "assert f() == 0"]) == 0.5  # it ran, and wrote nothing outside
+    # it ran, and wrote nothing outside
+    assert run(code, ["assert f() > 0", "assert f() == 0"], timeout=ENOUGH) == 0.5
     assert not any(os.path.exists(m) for m in markers)
 
 
@@ -231,7 +239,7 @@ def h():  # around the open() guard, as root: still unreadable for 'nobody'
     return len(real(f'/proc/{os.getppid()}/environ').read()) > 0
 """
     assert run(code, ["assert f()", "assert g()"]) == 0.0
-    assert run(code, ["assert not f()"]) == 1.0  # (the program did run)
+    assert run(code, ["assert not f()"], timeout=ENOUGH) == 1.0  # (the program did run)
     if ROOT:
         assert run(code, ["assert h()"]) == 0.0
 

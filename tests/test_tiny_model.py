@@ -1,7 +1,8 @@
 """The shipped tiny model (assets/tiny-addition, built by assets/build_tiny_model.py).
 
 It must load offline, tokenize the task exactly, be *partly* right (format learned, carries
-mostly forgotten: something for RL to fix), run identically in vLLM, and be rebuilt bit for bit.
+mostly forgotten: something for RL to fix), run identically in vLLM, and be rebuilt: byte for
+byte on one machine, to the same behavioural contract on any (assets/README.md says why).
 """
 import gc
 import hashlib
@@ -108,30 +109,138 @@ def test_chat_template_renders_the_exact_prompt(tok):
     assert full == "<|user|>47+38<|assistant|>" + addition_trace(47, 38) + "<|endoftext|>"
 
 
-def test_held_out_accuracy_is_partial_and_format_is_learned(tok, model):
+# ---------------------------------------------------------------------------------------------
+# the behavioural contracts: what each model is for. One function measures a model and checks
+# it; the shipped model's test and its rebuild's test both call it (a rebuild on another kind of
+# processor has other bytes, so this is what a rebuild must reproduce; see assets/README.md).
+# ---------------------------------------------------------------------------------------------
+WELL_FORMED = r"<think>[^<]*</think><answer>\d+</answer><\|endoftext\|>"
+TRACE_FORMED = r"<think>[^<]+</think><answer>\d+</answer><\|endoftext\|>"  # a real trace
+EMPTY_THINK_FORMED = r"<think></think><answer>\d+</answer><\|endoftext\|>"
+
+
+def carries(e):
+    return e["a"] % 10 + e["b"] % 10 >= 10
+
+
+def right(e, text):
+    return f"<answer>{e['answer']}</answer>" in text
+
+
+def share(flags):
+    flags = list(flags)
+    return sum(flags) / len(flags)
+
+
+def measure_cold_start(tok, model):
+    """Greedy on 200 held-out problems; T=1, 8 samples each, on the carry problems of 100 others."""
     examples = addition_examples("test", n=200, seed=0)
     outs = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples]))
-    correct = [f"<answer>{e['answer']}</answer>" in o for e, o in zip(examples, outs)]
-    carry = [e["a"] % 10 + e["b"] % 10 >= 10 for e in examples]
-    acc = sum(correct) / len(examples)
-    fmt = sum(re.fullmatch(r"<think>[^<]*</think><answer>\d+</answer><\|endoftext\|>", o)
-              is not None for o in outs) / len(outs)
-    assert 0.35 <= acc <= 0.75, acc
-    assert fmt >= 0.9, fmt
-    # the designed mistake: no-carry problems right, carry problems (mostly) wrong
-    assert sum(x for x, c in zip(correct, carry) if not c) / (len(carry) - sum(carry)) >= 0.9
-    assert sum(x for x, c in zip(correct, carry) if c) / sum(carry) <= 0.3
-
-
-def test_sampling_finds_the_carry_sometimes(tok, model):
-    """GRPO needs groups with mixed rewards: at T=1 some samples must carry correctly."""
-    examples = [e for e in addition_examples("test", n=100, seed=1)
-                if e["a"] % 10 + e["b"] % 10 >= 10]
+    correct = [right(e, o) for e, o in zip(examples, outs)]
+    carry = [carries(e) for e in examples]
+    sampled = [e for e in addition_examples("test", n=100, seed=1) if carries(e)]
     torch.manual_seed(0)
-    outs = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples], n=8,
-                                        temperature=1.0), skip_special_tokens=True)
-    hits = [f"<answer>{examples[k // 8]['answer']}</answer>" in o for k, o in enumerate(outs)]
-    assert 0.05 <= sum(hits) / len(hits) <= 0.5
+    samples = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in sampled], n=8,
+                                           temperature=1.0), skip_special_tokens=True)
+    return {
+        "greedy_acc": share(correct),
+        "format": share(re.fullmatch(WELL_FORMED, o) is not None for o in outs),
+        "greedy_acc_no_carry": share(x for x, c in zip(correct, carry) if not c),
+        "greedy_acc_carry": share(x for x, c in zip(correct, carry) if c),
+        "sampled_acc_carry": share(right(sampled[k // 8], o) for k, o in enumerate(samples)),
+    }
+
+
+def measure_fusion(tok, model):
+    """Greedy on 100 held-out problems in each mode, and with a thinking budget of 0 tokens."""
+    examples = addition_examples("test", n=100, seed=0)
+    think = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples]))
+    no_think = tok.batch_decode(hf_generate(model, tok, [e["question"] + " /no_think"
+                                                         for e in examples]))
+    acc = {mode: share(right(e, o) for e, o in zip(examples, outs))
+           for mode, outs in [("think", think), ("no_think", no_think)]}
+    # a thinking budget of 0 tokens (nano_grpo.py --think_budget 0): </think> right after the prompt
+    close = tok.convert_tokens_to_ids("</think>")
+    cut = [prompt_ids(tok, e["question"]) + [close] for e in examples]
+    enc = tok.pad({"input_ids": cut}, padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:])
+    return {
+        "think_format": share(re.fullmatch(TRACE_FORMED, o) is not None for o in think),
+        "no_think_format": share(re.fullmatch(EMPTY_THINK_FORMED, o) is not None for o in no_think),
+        "think_acc": acc["think"],
+        "think_minus_no_think_acc": acc["think"] - acc["no_think"],
+        "budget_0_format": share(re.match(r"<answer>\d+</answer><\|endoftext\|>", o) is not None
+                                 for o in answers),
+    }
+
+
+def measure_base(tok, model):
+    """Greedy continuations of the plain text "a+b=" for 100 held-out problems; 20 of them in
+    the chat template too."""
+    examples = addition_examples("test", n=100, seed=0)
+    enc = tok.pad({"input_ids": [tok.encode(e["question"] + "=") for e in examples]},
+                  padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=5, do_sample=False)
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:])
+    # what it knows: the leading digits of the sloppy teacher's sum (its units digit is ~chance)
+    sloppy = [e["a"] + e["b"] - 10 * carries(e) for e in examples]
+    chat = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples[:20]]))
+    return {
+        "plain_number": share(re.match(r"\d+\n", t) is not None for t in texts),  # "75\n..."
+        "leading_digits": share(re.match(r"\d+", t) is not None
+                                and int(re.match(r"\d+", t).group()) // 10 == s // 10
+                                for t, s in zip(texts, sloppy)),
+        "chat_answer_tag": share("<answer>" in o for o in chat),  # the R1 format was never taught
+    }
+
+
+def measure_base_web(tok, model):
+    """Greedy on 50 held-out problems in the chat template nano_grpo.py gives this model."""
+    from rewards import format_reward
+    examples = addition_examples("test", n=50, seed=0)
+    outs = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples]),
+                            skip_special_tokens=True)
+    return {"format": share(format_reward(o) == 1.0 for o in outs),
+            "acc": share(right(e, o) for e, o in zip(examples, outs))}
+
+
+CONTRACTS = {  # variant -> (measure, {metric: (low, high)})
+    # partly right (something for RL to fix), the format learned; the designed mistake: no-carry
+    # problems right, carry problems mostly wrong; and GRPO needs groups with mixed rewards: at
+    # T=1 some samples must carry correctly
+    "cold-start": (measure_cold_start, {
+        "greedy_acc": (0.35, 0.75), "format": (0.9, 1.0), "greedy_acc_no_carry": (0.9, 1.0),
+        "greedy_acc_carry": (0.0, 0.3), "sampled_acc_carry": (0.05, 0.5)}),
+    # the mode is switched in the prompt; think mode has the cold-start model's partial accuracy,
+    # answering without the trace is harder; a budget of 0 still gives a well-formed answer
+    "think-fusion": (measure_fusion, {
+        "think_format": (0.9, 1.0), "no_think_format": (0.9, 1.0), "think_acc": (0.35, 0.75),
+        "think_minus_no_think_acc": (0.005, 1.0),  # > 0: at least one problem of 100 more
+        "budget_0_format": (0.9, 1.0)}),
+    # plain arithmetic text only, R1-Zero's start: it continues "a+b=" and knows no format
+    "base": (measure_base, {
+        "plain_number": (1.0, 1.0), "leading_digits": (0.8, 1.0), "chat_answer_tag": (0.0, 0.0)}),
+    # the same, with a few R1 transcripts: a weak prior, the prompt is continued in the format;
+    # the arithmetic is not there (R1-Zero's case study asks whether RL teaches it)
+    "base-web": (measure_base_web, {"format": (0.8, 1.0), "acc": (0.0, 0.2)}),
+}
+
+
+def check_contract(variant, tok, model):
+    """Measure `model` as its variant's contract says and check every bound (all at once, so a
+    failure names every metric out of bounds). Returns the measurements."""
+    measure, bounds = CONTRACTS[variant]
+    m = measure(tok, model)
+    broken = {k: (round(m[k], 3), lo, hi) for k, (lo, hi) in bounds.items() if not lo <= m[k] <= hi}
+    assert not broken, f"{variant} breaks its contract (value, low, high): {broken}"
+    return m
+
+
+def test_shipped_model_keeps_its_contract(tok, model):
+    check_contract("cold-start", tok, model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,20 +276,93 @@ def test_vllm_greedy_equals_hf_greedy(tok, model, llm):
 
 
 # ---------------------------------------------------------------------------------------------
-# the build is reproducible
+# the build is reproducible: byte for byte on one machine; on another kind of processor (AVX2 vs
+# AVX-512, other float kernels) the same files but the weights, and the same behaviour
 # ---------------------------------------------------------------------------------------------
+BUILDER = os.path.join(ROOT, "assets", "build_tiny_model.py")
+SHORT_BUILD = ["--stop-after", "20"]  # the first 20 of the 600 SFT steps, no evaluation: ~10 s
+# what may differ between two runs on one machine, and must not change a byte
+SHORT_ENVS = [{"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"},
+              {"PYTHONHASHSEED": "1", "OMP_NUM_THREADS": "2"}]
+
+
 def sha256(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def test_rebuild_reproduces_the_shipped_files(tmp_path):  # ~2 min: in every `make test`
-    script = os.path.join(ROOT, "assets", "build_tiny_model.py")
-    run = subprocess.run([sys.executable, script, "--out", str(tmp_path)], cwd=ROOT, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for name in ["model.safetensors", "tokenizer.json"]:
-        assert sha256(tmp_path / name) == sha256(os.path.join(TINY_MODEL, name)), name
+def start_build(out, *flags, env=()):
+    """assets/build_tiny_model.py --out OUT FLAGS in a fresh process (finish() waits for it)."""
+    return subprocess.Popen([sys.executable, BUILDER, "--out", str(out), *flags], cwd=ROOT,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **dict(env)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def finish(*builds):
+    """Wait for every build (none is left running), then fail on the first that failed."""
+    errors = [build.communicate()[1] for build in builds]
+    for build, err in zip(builds, errors):
+        assert build.returncode == 0, err[-3000:]
+
+
+def without_version(path) -> bytes:
+    """A file's bytes without the "transformers_version" line (config.json and
+    generation_config.json record which transformers release wrote them)."""
+    with open(path, "rb") as f:
+        return b"".join(line for line in f if b'"transformers_version"' not in line)
+
+
+def check_same_files(built, shipped):
+    """What does not depend on float arithmetic is as shipped: every file but the weights byte
+    for byte (tokenizer, chat template, config), and the weights' names, shapes and dtypes."""
+    from safetensors import safe_open
+    assert sorted(os.listdir(built)) == sorted(os.listdir(shipped))
+    for name in sorted(os.listdir(shipped)):
+        if name != "model.safetensors":
+            assert without_version(os.path.join(built, name)) == \
+                without_version(os.path.join(shipped, name)), name
+    layout = []
+    for folder in (built, shipped):
+        with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+            tensors = {k: f.get_slice(k) for k in f.keys()}
+            tensors = {k: (t.get_shape(), t.get_dtype()) for k, t in tensors.items()}
+            layout.append((f.metadata(), tensors))
+    assert layout[0] == layout[1]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):  # ~2 min (~6 min on a slow AVX2 machine): in every `make test`
+    """The default build, as a user runs it, and two short builds, all at once: the full build
+    runs on one core (the builder pins one thread), the short ones mostly on the other."""
+    root = tmp_path_factory.mktemp("builds")
+    running = {"full": start_build(root / "full")}
+    for i, env in enumerate(SHORT_ENVS):
+        running[f"short{i}"] = start_build(root / f"short{i}", *SHORT_BUILD, env=env)
+    finish(*running.values())
+    return {name: str(root / name) for name in running}
+
+
+def test_two_builds_on_one_machine_are_byte_identical(builds):
+    """Two short builds, run at once with another hash seed and OpenMP thread count, write the same
+    bytes, file for file. Short is enough: every source of non-determinism a build can have (an
+    unseeded random stream, the thread count, a non-deterministic kernel, set or dict order
+    under the hash seed, something written into a file) acts in the first step or in the
+    saving, and a float that differs in one step stays different in every later one; the steps
+    after 20 run the same code on other data. The full build's bytes equal the shipped ones
+    only on the kind of processor that built them (assets/README.md)."""
+    one, other = builds["short0"], builds["short1"]
+    names = sorted(os.listdir(one))
+    assert names == sorted(os.listdir(other)) and "model.safetensors" in names
+    for name in names:
+        assert sha256(os.path.join(one, name)) == sha256(os.path.join(other, name)), name
+
+
+def test_rebuild_writes_the_shipped_files(builds):
+    check_same_files(builds["full"], TINY_MODEL)
+
+
+def test_rebuilt_model_keeps_the_shipped_models_contract(builds):
+    check_contract("cold-start", *load(builds["full"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,43 +402,14 @@ def test_fusion_model_switches_mode_in_the_prompt():
     # the mode switch: one space, then the single token /no_think, inside the user turn
     assert prompt_ids(tok, "47+38 /no_think")[-3:] == tok.convert_tokens_to_ids(["Ġ", "/no_think",
                                                                                  "<|assistant|>"])
-    examples = addition_examples("test", n=100, seed=0)
-    think = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples]))
-    no_think = tok.batch_decode(hf_generate(model, tok, [e["question"] + " /no_think"
-                                                         for e in examples]))
-    well_formed = r"<think>[^<]+</think><answer>\d+</answer><\|endoftext\|>"  # a real trace
-    assert sum(re.fullmatch(well_formed, o) is not None for o in think) >= 90
-    empty = r"<think></think><answer>\d+</answer><\|endoftext\|>"
-    assert sum(re.fullmatch(empty, o) is not None for o in no_think) >= 90
-    acc = {mode: sum(f"<answer>{e['answer']}</answer>" in o for e, o in zip(examples, outs)) / 100
-           for mode, outs in [("think", think), ("no_think", no_think)]}
-    assert 0.35 <= acc["think"] <= 0.75, acc  # think mode: the shipped model's partial accuracy
-    assert acc["no_think"] < acc["think"], acc  # answering without the trace is harder for it
-    # a thinking budget of 0 tokens (nano_grpo.py --think_budget 0): </think> right after the prompt
-    cut = [prompt_ids(tok, e["question"]) + [tok.convert_tokens_to_ids("</think>")] for e in examples]
-    enc = tok.pad({"input_ids": cut}, padding=True, padding_side="left", return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
-    answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:])
-    assert sum(re.match(r"<answer>\d+</answer><\|endoftext\|>", o) is not None for o in answers) >= 90
+    check_contract("think-fusion", tok, model)
 
 
 @needs_base
 def test_base_model_continues_plain_arithmetic_and_knows_no_format():
     tok, model = load(BASE_MODEL)
     check_shape_and_tokenizer(BASE_MODEL, tok, model)
-    examples = addition_examples("test", n=100, seed=0)
-    enc = tok.pad({"input_ids": [tok.encode(e["question"] + "=") for e in examples]},
-                  padding=True, padding_side="left", return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=5, do_sample=False)
-    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:])
-    assert all(re.match(r"\d+\n", t) for t in texts), texts[:5]  # "47+38=" -> "75\n..."
-    # what it knows: the leading digits of the sloppy teacher's sum (its units digit is ~chance)
-    sloppy = [e["a"] + e["b"] - 10 * (e["a"] % 10 + e["b"] % 10 >= 10) for e in examples]
-    assert sum(int(t.split()[0]) // 10 == s // 10 for t, s in zip(texts, sloppy)) >= 80
-    chat = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples[:20]]))
-    assert not any("<answer>" in o for o in chat)  # the R1 format was never taught
+    check_contract("base", tok, model)
 
 
 def builder():
@@ -293,21 +446,16 @@ def test_base_web_corpus_holds_the_stated_share_of_r1_transcripts():
         assert format_reward(m[4]) == 1.0
     assert all(re.fullmatch(r"(\d+\+\d+=\d+\n){1,4}<\|endoftext\|>", d) for d in docs if d not in transcripts)
     # the prior it leaves: the prompt is continued in the format (the arithmetic is another matter)
-    outs = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in addition_examples("test", n=50, seed=0)]),
-                            skip_special_tokens=True)
-    assert sum(format_reward(o) for o in outs) >= 40
+    check_contract("base-web", tok, model)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,folder", [("think-fusion", FUSION_MODEL), ("base", BASE_MODEL),
                                             ("base-web", BASE_WEB_MODEL)])
-def test_rebuild_reproduces_the_variant_files(tmp_path, variant, folder):
+def test_rebuilt_variant_keeps_its_contract(tmp_path, variant, folder):
+    """As for the default model: the shipped files but the weights, and the variant's contract."""
     if not os.path.isdir(folder):
         pytest.skip(f"{folder} not built")
-    script = os.path.join(ROOT, "assets", "build_tiny_model.py")
-    run = subprocess.run([sys.executable, script, "--variant", variant, "--out", str(tmp_path)],
-                         cwd=ROOT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                         capture_output=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for name in ["model.safetensors", "tokenizer.json"]:
-        assert sha256(tmp_path / name) == sha256(os.path.join(folder, name)), name
+    finish(start_build(tmp_path, "--variant", variant))
+    check_same_files(tmp_path, folder)
+    check_contract(variant, *load(tmp_path))
