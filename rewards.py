@@ -1,17 +1,19 @@
 """rewards.py - the verifiers and tasks shared by nano_grpo.py and nano_ppo.py.
 
 RLVR needs a reward a program can compute [R-BIN]: 1 if the answer is right, else 0. This file
-holds those programs (answer extraction, math equivalence, Countdown, code tests in a sandbox,
-the R1 format reward, length rewards) and the small table of tasks the trainers can train on.
-
-Everything here is a plain function. Read it top to bottom:
-  1. the tiny offline task the shipped model was built for (2-digit addition with a trace),
-  2. answer extraction and the verifiers,
-  3. the task table: how to load examples, build prompts and score completions,
-  4. thin adapters for TRL's GRPOTrainer and verl.
+holds those programs and the small table of tasks the trainers can train on; every one is a plain
+function, with examples you can run (python -m doctest rewards.py). Read it top to bottom:
+  1. the verifiers: answer extraction, math equivalence, Countdown, code tests, addition, parity,
+  2. rewards on an answer's form: R1-Zero's format [R-FORMAT], Kimi k1.5's length [R-LEN],
+  3. step verifiers, for process supervision [GRPO-PS],
+  4. the offline tasks, generated here: 2-digit addition, parity of a bit string,
+  5. the task table: where each task's examples come from, its prompt, task_reward.
+Behind one banner at the end, the machinery: the time limits that keep a verifier from hanging,
+the code sandbox, and the adapters for TRL and verl.
 """
-from __future__ import annotations
 
+
+from __future__ import annotations
 import ast
 import json
 import logging
@@ -28,81 +30,27 @@ import threading
 import time
 import zlib
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-# ----------------------------------------------------------------------------------------------
-# 1. The tiny offline task: two-digit addition, reasoned column by column.
-#
-# A completion looks like
-#     <think>7+8=15,4+3+1=8</think><answer>85</answer>
-# for the question "47+38": first the units column (7+8=15), then the tens column with the carry
-# written out (4+3+1=8), then the answer. The shipped tiny model learned this format from a
-# "sloppy teacher" that usually writes the carry as 0 (see assets/build_tiny_model.py), so the
-# trace it writes is wrong exactly where a carry is needed. RL has a real mistake to fix, and a
-# student can read in the trace what got fixed.
-# ----------------------------------------------------------------------------------------------
-ADDITION_HELD_OUT = 800  # (a, b) pairs that neither the SFT nor RL ever sees
 
-
-def addition_pairs(split: str) -> list[tuple[int, int]]:
-    """All (a, b) with 10 <= a, b <= 99, split once and for all into 'train' and 'test'.
-
-    The split does not depend on any run's seed, so no run can ever train on a test pair.
-    >>> len(addition_pairs("test")), len(addition_pairs("train"))
-    (800, 7300)
-    """
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
-    random.Random(14).shuffle(pairs)  # fixed seed: the split is part of the task's definition
-    if split == "test":
-        return pairs[:ADDITION_HELD_OUT]
-    if split == "train":
-        return pairs[ADDITION_HELD_OUT:]
-    raise ValueError(f"unknown split {split!r}: use 'train' or 'test'")
-
-
-def addition_trace(a: int, b: int, carry_written: int | None = None) -> str:
-    """The column-by-column solution of a + b in the R1 format.
-
-    `carry_written` is the carry the writer puts into the tens column; None means the right one.
-    A wrong carry makes the tens digit (and so the answer) wrong, consistently with the trace.
-    >>> addition_trace(47, 38)
-    '<think>7+8=15,4+3+1=8</think><answer>85</answer>'
-    >>> addition_trace(47, 38, carry_written=0)   # the sloppy teacher's version
-    '<think>7+8=15,4+3+0=7</think><answer>75</answer>'
-    >>> addition_trace(97, 38)
-    '<think>7+8=15,9+3+1=13</think><answer>135</answer>'
-    """
-    units = a % 10 + b % 10
-    carry = units // 10 if carry_written is None else carry_written
-    tens = a // 10 + b // 10 + carry
-    answer = tens * 10 + units % 10
-    return (f"<think>{a % 10}+{b % 10}={units},{a // 10}+{b // 10}+{carry}={tens}</think>"
-            f"<answer>{answer}</answer>")
-
-
-def addition_examples(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
-    """Examples of the tiny task: {'question': '47+38', 'answer': '85', 'a': 47, 'b': 38}.
-
-    `n` examples drawn with `seed` (all of the split, in a fixed order, when n is None).
-    >>> addition_examples("test", n=1, seed=0)[0].keys()
-    dict_keys(['question', 'answer', 'a', 'b'])
-    """
-    pairs = addition_pairs(split)
-    if n is not None:
-        pairs = random.Random(seed).sample(pairs, min(n, len(pairs)))
-    return [{"question": f"{a}+{b}", "answer": str(a + b), "a": a, "b": b} for a, b in pairs]
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Answer extraction and the verifiers. Each one is the R(z) of [R-BIN]: 1 if right, else 0.
+# --------------------------------------------------------------------------------------------------
+# 1. Verifiers: the R(z) of [R-BIN], 1 if the answer is right, else 0, one per task.
 #
 # A verifier runs on every sampled answer of a training run, so it must never raise and never
 # hang: one odd completion (a 100 kB expression, 9^{9^{9^9}}, an infinite loop) must cost at
-# most about a second and a reward of 0.
-# ----------------------------------------------------------------------------------------------
+# most about a second and a reward of 0. How that is enforced (time limits, a helper process, a
+# sandbox for code) is machinery, at the end of the file.
+# --------------------------------------------------------------------------------------------------
+
+
 MAX_ANSWER_CHARS = 500  # a longer "answer" is wrong: no GSM8K/MATH answer is that long
+
+
 MATH_TIMEOUT_S = 0.8    # CPU seconds one symbolic comparison may spend (its thread's); more: wrong
+
+
 MATH_WALL_S = 2.0       # the wall-clock backstop: however busy the machine, wrong after this long
 
 
@@ -178,132 +126,6 @@ def _as_numbers(s: str) -> set[Fraction] | None:
     return {value, value / 100} if percent else {value}
 
 
-def _verify_latex(pred: str, gold: str) -> bool:
-    """Hugging Face math-verify's symbolic comparison, with its own (signal-based) timeouts off."""
-    from math_verify import parse, verify  # imported on first use: ~0.3 s
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings: we time it
-
-    def delimited(s: str) -> str:  # math-verify finds LaTeX only between delimiters
-        s = s.replace("\\$", "")
-        return s if "$" in s or "\\boxed" in s else f"${s}$"
-    gold_parsed = parse(delimited(gold), parsing_timeout=None)
-    pred_parsed = parse(delimited(pred), parsing_timeout=None)
-    return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
-
-
-class _TimeUp(BaseException):
-    """Raised by our SIGALRM tick when time is up: a BaseException, so math-verify's
-    `except Exception` lets it pass."""
-
-
-_WARM_UP = ("x^2+2x+1", "(x+1)^2")  # needs the parser and sympy's polynomial code
-_warmed_up: list[bool] = []  # [True] once this process has compared _WARM_UP
-
-
-def _warm_up() -> None:
-    """Import math-verify and compare _WARM_UP once per process, untimed. The first symbolic
-    comparison of a process builds sympy's and the LaTeX parser's machinery: up to 0.4 s more CPU
-    than the same comparison later (0.14 s at most for any of the tests' equivalences after this).
-    Timing it would make a verdict depend on which answer came first."""
-    if not _warmed_up:
-        _verify_latex(*_WARM_UP)
-        _warmed_up.append(True)
-
-
-def _verify_in_time(pred: str, gold: str) -> bool:
-    """_verify_latex, but False once it has spent MATH_TIMEOUT_S of its thread's CPU time, or
-    after MATH_WALL_S of wall-clock time (a backstop for a machine too busy to give it the CPU).
-
-    CPU time, not wall-clock: it is what the comparison costs, the same on a quiet machine and on
-    one whose cores other processes keep busy (a wall-clock limit turns right answers into
-    reward 0 at random there). Signals can interrupt sympy only in the main thread: there a
-    SIGALRM tick checks both clocks, first after MATH_TIMEOUT_S (a thread cannot spend CPU time
-    faster than wall-clock time passes), then every 50 ms until the comparison ends (a tick that
-    raises inside a finalizer is swallowed, so the next one raises again); the caller's SIGALRM
-    handler and pending timer are restored afterwards. Any other thread sends the comparison to a
-    helper process, which applies this same rule in its own main thread (_judge_equal).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return _judge_equal(pred, gold)
-    _warm_up()  # before the clocks start: the process's one-time set-up is not this comparison's
-    armed = [True]
-    start, cpu_start = time.monotonic(), time.thread_time()
-
-    def on_tick(signum, frame):
-        if armed[0] and (time.thread_time() - cpu_start > MATH_TIMEOUT_S
-                         or time.monotonic() - start > MATH_WALL_S):
-            raise _TimeUp
-    old_handler = signal.signal(signal.SIGALRM, on_tick)
-    old_handler = signal.SIG_DFL if old_handler is None else old_handler
-    # then every 50 ms: a tick that raises inside a finalizer (gc) is swallowed there
-    old_delay, _ = signal.setitimer(signal.ITIMER_REAL, min(MATH_TIMEOUT_S, MATH_WALL_S), 0.05)
-    try:
-        try:
-            return _verify_latex(pred, gold)
-        finally:
-            armed[0] = False  # from here on a late alarm does nothing
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old_handler)
-            if old_delay:
-                signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - start), 1e-3))
-    except _TimeUp:
-        signal.signal(signal.SIGALRM, old_handler)  # in case the alarm struck inside the clean-up
-        return False
-
-
-def _python_running(function: str, *flags: str) -> list[str]:
-    """The command line of a fresh Python that imports this file and calls `function()`."""
-    here, module = os.path.dirname(os.path.abspath(__file__)), Path(__file__).stem
-    code = f"import sys; sys.path.insert(0, {here!r}); import {module}; {module}.{function}()"
-    return [sys.executable, *flags, "-c", code]
-
-
-_judges: dict[int, subprocess.Popen] = {}  # helper process per process id (a forked child needs its own)
-_judge_lock = threading.Lock()
-
-
-def _read_line(proc: subprocess.Popen, timeout: float) -> str | None:
-    """The next line `proc` prints within `timeout` seconds of wall-clock time, or None."""
-    return proc.stdout.readline().strip() if select.select([proc.stdout], [], [], timeout)[0] else None
-
-
-def _judge_equal(pred: str, gold: str) -> bool:
-    """_verify_in_time in a long-lived helper process (in its main thread: the same CPU budget and
-    backstop), which answers 0 by itself when time is up. Killed (and later replaced) only if it
-    has not answered 0.5 s after its own backstop: stuck where no signal gets in (a long C call)."""
-    with _judge_lock:  # one comparison at a time through the helper
-        judge = _judges.get(os.getpid())
-        if judge is None or judge.poll() is not None:
-            judge = _judges[os.getpid()] = subprocess.Popen(
-                _python_running("_judge_loop"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True, bufsize=1)
-            _read_line(judge, 60)  # "ready": its start (import, warm-up: ~1.5 s) is not timed
-        try:
-            judge.stdin.write(json.dumps([pred, gold]) + "\n")
-            judge.stdin.flush()
-            answer = _read_line(judge, MATH_WALL_S + 0.5)
-        except (OSError, ValueError):
-            answer = None
-        if answer is None:  # late or dead: kill it; the next call starts a fresh one
-            judge.kill()
-            judge.wait()
-            del _judges[os.getpid()]
-        return answer == "1"
-
-
-def _judge_loop() -> None:
-    """The helper process behind _judge_equal: reads [pred, gold] lines, answers 1 or 0, each
-    comparison timed by _verify_in_time (this is the helper's main thread, where signals work)."""
-    _warm_up()  # before saying ready: the helper's start is not timed
-    print("ready", flush=True)
-    for line in sys.stdin:
-        try:
-            ok = _verify_in_time(*json.loads(line))
-        except Exception:
-            ok = False
-        print(1 if ok else 0, flush=True)
-
-
 def _unbox(s: str) -> str:
     r"""'\boxed{x}' -> 'x'; anything else unchanged."""
     return (_last_boxed(s) or s) if s.startswith("\\boxed") else s
@@ -317,7 +139,8 @@ def math_equal(pred, gold) -> bool:
        comparison with Fraction. A percentage may be read either way: for gold 50\%, both 50 and
        0.5 count as right (and 50% matches gold 0.5).
     3. Otherwise Hugging Face math-verify (LaTeX, sqrt, intervals, expressions), at most
-       MATH_TIMEOUT_S of wall-clock time in any thread. Answers over MAX_ANSWER_CHARS are wrong.
+       MATH_TIMEOUT_S of CPU time (MATH_WALL_S of wall-clock at the most), in any thread.
+    Answers over MAX_ANSWER_CHARS are wrong.
 
     >>> math_equal("$1,234.00", "1234"), math_equal("0.5", "50\\%"), math_equal("1/2", r"\frac{1}{2}")
     (True, True, True)
@@ -404,144 +227,6 @@ def countdown_reward(completion: str, numbers: list[int], target: int) -> float:
         return 0.0
 
 
-# [R-FORMAT] R1-Zero's format: reasoning in <think>...</think>, then the answer in <answer>...</answer>,
-# then nothing. The opening <think> may sit at the end of the prompt. Inside a block no tag may appear.
-_NO_TAG = r"(?:(?!</?think>|</?answer>).)*"
-_FORMAT = re.compile(rf"\s*(?:<think>)?{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*", re.DOTALL)
-
-
-def format_reward(completion: str) -> float:
-    """[R-FORMAT] 1.0 iff the completion is '<think>...</think><answer>...</answer>' and nothing more.
-
-    >>> format_reward("<think>7+8=15</think>\\n<answer>15</answer>\\n"), format_reward("7+8=15</think><answer>15</answer>")
-    (1.0, 1.0)
-    >>> format_reward("<answer>15</answer><think>...</think>"), format_reward("<think>..</think><answer>15</answer> ok?")
-    (0.0, 0.0)
-    """
-    return 1.0 if isinstance(completion, str) and _FORMAT.fullmatch(completion) else 0.0
-
-
-def length_rewards(lengths: list[int], correct: list[bool]) -> list[float]:
-    """[R-LEN] Kimi k1.5's length reward for one group of answers to the same question:
-    lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len). A correct answer gets lambda_i (shorter
-    is better); a wrong one gets min(0, lambda_i) (no bonus for being short and wrong). All 0 if
-    every length is the same.
-
-    >>> length_rewards([10, 20, 30], [True, True, False])
-    [0.5, 0.0, -0.5]
-    >>> length_rewards([10, 20, 30], [False, False, True])
-    [0.0, 0.0, -0.5]
-    """
-    shortest, longest = min(lengths), max(lengths)
-    if shortest == longest:
-        return [0.0] * len(lengths)
-    lambdas = [0.5 - (n - shortest) / (longest - shortest) for n in lengths]
-    return [lam if ok else min(0.0, lam) for lam, ok in zip(lambdas, correct)]
-
-
-def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
-    """DAPO's soft overlong punishment: 0 up to max_length - buffer, then falling linearly to -1 at
-    max_length, -1 beyond it.
-
-    >>> [overlong_penalty(n, max_length=100, buffer=20) for n in (80, 90, 100, 120)]
-    [0.0, -0.5, -1.0, -1.0]
-    """
-    if length <= max_length - buffer:
-        return 0.0
-    if length >= max_length:
-        return -1.0
-    return (max_length - buffer - length) / buffer
-
-
-def addition_reward(completion: str, example: dict) -> float:
-    """[R-BIN] for the tiny task: the answer must be exactly the sum, written as an integer.
-
-    >>> example = {"question": "47+38", "answer": "85"}
-    >>> addition_reward(addition_trace(47, 38), example), addition_reward(addition_trace(47, 38, 0), example)
-    (1.0, 0.0)
-    """
-    return 1.0 if extract_answer(completion) == str(example["answer"]) else 0.0
-
-
-# Step verifiers, for process supervision [GRPO-PS]: instead of one reward per answer, one per
-# reasoning step. Each returns [(end, score), ...]: `end` is the character index just past the
-# step in the completion, `score` is 1.0 (right) or 0.0 (wrong). nano_grpo.py --supervision process
-# turns the ends into token positions.
-_COLUMN_STEP = re.compile(r"(\d{1,3})\+(\d{1,3})(?:\+(\d{1,3}))?=(\d{1,4})")
-
-
-def addition_steps(completion: str, example: dict) -> list[tuple[int, float]]:
-    """The tiny task's trace step by step: the units column, the tens column (carry included),
-    then the final answer as the last step (scored like addition_reward).
-
-    >>> ex = {"question": "47+38", "answer": "85", "a": 47, "b": 38}
-    >>> addition_steps(addition_trace(47, 38), ex)
-    [(13, 1.0), (21, 1.0), (48, 1.0)]
-    >>> addition_steps(addition_trace(47, 38, carry_written=0), ex)   # units right, carry dropped
-    [(13, 1.0), (21, 0.0), (48, 0.0)]
-    """
-    a, b = int(example["a"]), int(example["b"])
-    units = a % 10 + b % 10
-    expected = [f"{a % 10}+{b % 10}={units}", f"{a // 10}+{b // 10}+{units // 10}={a // 10 + b // 10 + units // 10}"]
-    head = completion[:500]  # the trace is short; bounds the work on hostile text
-    think_end = head.find("</think>")
-    trace = head[:think_end] if think_end >= 0 else head
-    steps = [(m.end(), float(m.group(0) == want)) for m, want in zip(_COLUMN_STEP.finditer(trace), expected)]
-    answer_end = completion.rfind("</answer>")
-    steps.append((answer_end + len("</answer>") if answer_end >= 0 else len(completion), addition_reward(completion, example)))
-    return steps
-
-
-_NUM = r"(?<![\d.,])-?\d{1,12}(?:,\d{3}){0,4}(?:\.\d{1,8})?(?![\d])"  # bounded: linear time on digit floods
-_ARITH_STEP = re.compile(rf"({_NUM})\s*([-+*/x×÷])\s*({_NUM})\s*=\s*\$?\s*({_NUM})")
-
-
-def arithmetic_steps(text: str) -> list[tuple[int, float]]:
-    """Every `a op b = c` written in free text (GSM8K-style, `<<48/2=24>>` annotations too), each
-    scored exactly with fractions; a result rounded to the digits it shows counts as right.
-
-    >>> arithmetic_steps("She sold 48/2 = <<48/2=24>>24 clips, then 48+24 = 72 and 3*5=16.")
-    [(25, 1.0), (52, 1.0), (63, 0.0)]
-    >>> arithmetic_steps("10/3 = 3.33 each")
-    [(11, 1.0)]
-    """
-    ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y, "x": lambda x, y: x * y,
-           "×": lambda x, y: x * y, "/": lambda x, y: x / y if y else None, "÷": lambda x, y: x / y if y else None}
-    steps = []
-    for m in _ARITH_STEP.finditer(text[:20_000]):
-        try:
-            x, y, c = (Fraction(g.replace(",", "")) for g in (m.group(1), m.group(3), m.group(4)))
-        except (ValueError, ZeroDivisionError):
-            continue
-        value = ops[m.group(2)](x, y)
-        decimals = len(m.group(4).split(".")[1]) if "." in m.group(4) else 0
-        right = value is not None and (value == c or (decimals > 0 and round(value, decimals) == c))
-        steps.append((m.end(), float(right)))
-    return steps
-
-
-def task_steps(name: str, completion: str, example: dict) -> list[tuple[int, float]]:
-    """The steps of any task: the tiny task's own trace, else the arithmetic in the text; the
-    final answer (the task's correctness) is always the last step."""
-    if name == "addition":
-        return addition_steps(completion, example)
-    return arithmetic_steps(completion) + [(len(completion), TASKS[name].correct(completion, example))]
-
-
-# Code: run the program and its tests in a separate, limited Python process.
-_SANDBOX_MODULES = ("math", "cmath", "re", "string", "collections", "itertools", "functools", "heapq", "bisect",
-                    "operator", "copy", "array", "fractions", "decimal", "statistics", "random", "datetime",
-                    "_strptime", "typing", "dataclasses", "json")  # importable even after the drop to 'nobody'
-_SANDBOX_BLOCKED_CALLS = (  # set to None in os / posix / _posixsubprocess before the program runs
-    "fork", "forkpty", "system", "popen", "fork_exec", "posix_spawn", "posix_spawnp", "execv", "execve",
-    "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
-    "spawnv", "spawnve", "spawnvp", "spawnvpe", "kill", "killpg", "setsid", "setpgid", "setpgrp", "setuid",
-    "setreuid", "setresuid", "putenv", "unsetenv", "remove", "unlink", "rmdir", "removedirs", "rename",
-    "renames", "replace", "chmod", "chown", "lchown", "link", "symlink", "truncate", "chdir", "fchdir",
-    "chroot", "mkfifo", "mknod")
-_SANDBOX_BLOCKED_MODULES = ("subprocess", "multiprocessing", "ctypes", "_ctypes", "pty")  # `import` fails
-
-
 def _last_python_block(text: str) -> str | None:
     """The code of the last ```python (or ```py) block, or None."""
     blocks = re.findall(r"```(?:python|py)[ \t]*\n(.*?)```", text, re.DOTALL) if isinstance(text, str) else []
@@ -601,86 +286,406 @@ def code_reward(completion: str, tests: list[str], timeout: float = 5.0, memory_
     return sum(mark == b"1" for mark in marks) / len(tests)
 
 
-def _sandbox_child() -> None:
-    """Runs inside the sandbox process of code_reward: limits first, then the program, then the
-    tests one by one, writing 1 (passed) or 0 per test to the results file as it goes."""
-    import _io
-    import _posixsubprocess
-    import builtins
-    import io
-    import posix
-    import resource
-    job = json.loads(sys.stdin.read())
-    for limit, value in ((resource.RLIMIT_CPU, job["cpu_s"]), (resource.RLIMIT_AS, job["memory"]),
-                         (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(limit, (value, value))
-    results = os.fdopen(os.dup(1), "w", buffering=1)  # our line back to the parent
-    quiet = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(quiet, fd)  # the program's input() and print() go nowhere
-    for name in _SANDBOX_MODULES:
-        __import__(name)
-    sys.dont_write_bytecode = True
-    if os.geteuid() == 0:  # root ignores RLIMIT_NPROC and may read every process's environment
-        try:  # become uid/gid 65534 ('nobody'), keeping this directory writable
-            os.chown(".", 65534, 65534)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-        except OSError:  # no CAP_SETUID (some containers): stay root, with the guard below only
-            pass
-    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))  # no new process or thread (binds unless root)
-    workdir = os.path.realpath(os.getcwd())
-    real_open, real_os_open, real_file_io = builtins.open, os.open, _io.FileIO
+def addition_reward(completion: str, example: dict) -> float:
+    """[R-BIN] for the tiny task: the answer must be exactly the sum, written as an integer.
 
-    def check(path) -> None:  # only paths inside the working directory (no file descriptors either)
-        if not (isinstance(path, (str, bytes, os.PathLike))
-                and os.path.realpath(os.fsdecode(path)).startswith(workdir + os.sep)):
-            raise PermissionError(f"sandbox: {path!r} is outside {workdir}")
-
-    def guarded_open(file, *args, **kwargs):
-        check(file)
-        return real_open(file, *args, **kwargs)
-
-    def guarded_os_open(path, *args, **kwargs):
-        check(path)
-        return real_os_open(path, *args, **kwargs)
-
-    class GuardedFileIO(real_file_io):
-        def __init__(self, file, *args, **kwargs):
-            check(file)
-            super().__init__(file, *args, **kwargs)
-    builtins.open = io.open = _io.open = guarded_open
-    io.FileIO = _io.FileIO = GuardedFileIO
-    os.open = posix.open = guarded_os_open
-    for module in (os, posix, _posixsubprocess):
-        for name in _SANDBOX_BLOCKED_CALLS:
-            if hasattr(module, name):
-                setattr(module, name, None)
-    for name in _SANDBOX_BLOCKED_MODULES:
-        sys.modules[name] = None
-    run, compile_, failure = exec, compile, BaseException  # our own references: the program may patch builtins
-    namespace = {"__name__": "solution"}
-    try:
-        run(compile_(job["code"], "solution.py", "exec"), namespace)
-        loaded = True
-    except failure:
-        loaded = False
-    for test in job["tests"]:
-        passed = False
-        if loaded:
-            try:
-                run(compile_(test, "test.py", "exec"), namespace)
-                passed = True
-            except failure:
-                pass
-        results.write("1\n" if passed else "0\n")
+    >>> example = {"question": "47+38", "answer": "85"}
+    >>> addition_reward(addition_trace(47, 38), example), addition_reward(addition_trace(47, 38, 0), example)
+    (1.0, 0.0)
+    """
+    return 1.0 if extract_answer(completion) == str(example["answer"]) else 0.0
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. The task table: for each task, how to load its examples, what the user turn says, and its
-# correctness reward. Examples are plain dicts with at least 'question' and 'answer'.
-# ----------------------------------------------------------------------------------------------
+def parity_reward(completion: str, example: dict) -> float:
+    """[R-BIN] 1.0 iff the answer is the parity, however it was reached.
+
+    >>> ex = parity_example("0110")
+    >>> [parity_reward(parity_completion("0110", m), ex) for m in ("direct", "trace", "retry")]
+    [1.0, 1.0, 1.0]
+    >>> parity_reward("<think>eOEo</think><answer>1</answer>", ex), parity_reward("<think>eOEe</think>", ex)
+    (0.0, 0.0)
+    """
+    return 1.0 if extract_answer(completion) == example["answer"] else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Rewards on the form of an answer: [R-FORMAT] R1-Zero's tags, [R-LEN] Kimi k1.5's length.
+# --------------------------------------------------------------------------------------------------
+
+
+# [R-FORMAT] R1-Zero's format: reasoning in <think>...</think>, then the answer in <answer>...</answer>,
+# then nothing. The opening <think> may sit at the end of the prompt. Inside a block no tag may appear.
+_NO_TAG = r"(?:(?!</?think>|</?answer>).)*"
+
+
+_FORMAT = re.compile(rf"\s*(?:<think>)?{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*", re.DOTALL)
+
+
+def format_reward(completion: str) -> float:
+    """[R-FORMAT] 1.0 iff the completion is '<think>...</think><answer>...</answer>' and nothing more.
+
+    >>> format_reward("<think>7+8=15</think>\\n<answer>15</answer>\\n"), format_reward("7+8=15</think><answer>15</answer>")
+    (1.0, 1.0)
+    >>> format_reward("<answer>15</answer><think>...</think>"), format_reward("<think>..</think><answer>15</answer> ok?")
+    (0.0, 0.0)
+    """
+    return 1.0 if isinstance(completion, str) and _FORMAT.fullmatch(completion) else 0.0
+
+
+def length_rewards(lengths: list[int], correct: list[bool]) -> list[float]:
+    """[R-LEN] Kimi k1.5's length reward for one group of answers to the same question:
+    lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len). A correct answer gets lambda_i (shorter
+    is better); a wrong one gets min(0, lambda_i) (no bonus for being short and wrong). All 0 if
+    every length is the same.
+
+    >>> length_rewards([10, 20, 30], [True, True, False])
+    [0.5, 0.0, -0.5]
+    >>> length_rewards([10, 20, 30], [False, False, True])
+    [0.0, 0.0, -0.5]
+    """
+    shortest, longest = min(lengths), max(lengths)
+    if shortest == longest:
+        return [0.0] * len(lengths)
+    lambdas = [0.5 - (n - shortest) / (longest - shortest) for n in lengths]
+    return [lam if ok else min(0.0, lam) for lam, ok in zip(lambdas, correct)]
+
+
+def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_length - buffer, then falling linearly to -1 at
+    max_length, -1 beyond it.
+
+    >>> [overlong_penalty(n, max_length=100, buffer=20) for n in (80, 90, 100, 120)]
+    [0.0, -0.5, -1.0, -1.0]
+    """
+    if length <= max_length - buffer:
+        return 0.0
+    if length >= max_length:
+        return -1.0
+    return (max_length - buffer - length) / buffer
+
+
+def reasoning_mode(completion: str) -> str:
+    """How an R1-format answer was reached: 'direct' (an empty think block), 'retry' (the think
+    block says 'wait'), 'trace' (any other think block), 'other' (no closed think block).
+
+    >>> [reasoning_mode(parity_completion("0110", m)) for m in ("direct", "trace", "retry")]
+    ['direct', 'trace', 'retry']
+    >>> reasoning_mode("<answer>0</answer>"), reasoning_mode("<think>7+8=15,4+3+1=8</think><answer>85</answer>")
+    ('other', 'trace')
+    """
+    head = completion[:2000]
+    end = head.find("</think>")
+    if end < 0:
+        return "other"
+    start = head.rfind("<think>", 0, end)
+    think = head[start + len("<think>") if start >= 0 else 0:end]
+    if not think.strip():
+        return "direct"
+    return "retry" if "wait" in think.lower() else "trace"
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Step verifiers, for process supervision [GRPO-PS]: one reward per reasoning step.
+#
+# Instead of one reward per answer, one per step. Each returns [(end, score), ...]: `end` is the
+# character index just past the step in the completion, `score` is 1.0 (right) or 0.0 (wrong).
+# nano_grpo.py --supervision process turns the ends into token positions.
+# --------------------------------------------------------------------------------------------------
+
+
+# Step verifiers, for process supervision [GRPO-PS]: instead of one reward per answer, one per
+# reasoning step. Each returns [(end, score), ...]: `end` is the character index just past the
+# step in the completion, `score` is 1.0 (right) or 0.0 (wrong). nano_grpo.py --supervision process
+# turns the ends into token positions.
+_COLUMN_STEP = re.compile(r"(\d{1,3})\+(\d{1,3})(?:\+(\d{1,3}))?=(\d{1,4})")
+
+
+def addition_steps(completion: str, example: dict) -> list[tuple[int, float]]:
+    """The tiny task's trace step by step: the units column, the tens column (carry included),
+    then the final answer as the last step (scored like addition_reward).
+
+    >>> ex = {"question": "47+38", "answer": "85", "a": 47, "b": 38}
+    >>> addition_steps(addition_trace(47, 38), ex)
+    [(13, 1.0), (21, 1.0), (48, 1.0)]
+    >>> addition_steps(addition_trace(47, 38, carry_written=0), ex)   # units right, carry dropped
+    [(13, 1.0), (21, 0.0), (48, 0.0)]
+    """
+    a, b = int(example["a"]), int(example["b"])
+    units = a % 10 + b % 10
+    expected = [f"{a % 10}+{b % 10}={units}", f"{a // 10}+{b // 10}+{units // 10}={a // 10 + b // 10 + units // 10}"]
+    head = completion[:500]  # the trace is short; bounds the work on hostile text
+    think_end = head.find("</think>")
+    trace = head[:think_end] if think_end >= 0 else head
+    steps = [(m.end(), float(m.group(0) == want)) for m, want in zip(_COLUMN_STEP.finditer(trace), expected)]
+    answer_end = completion.rfind("</answer>")
+    steps.append((answer_end + len("</answer>") if answer_end >= 0 else len(completion), addition_reward(completion, example)))
+    return steps
+
+
+_NUM = r"(?<![\d.,])-?\d{1,12}(?:,\d{3}){0,4}(?:\.\d{1,8})?(?![\d])"  # bounded: linear time on digit floods
+
+
+_ARITH_STEP = re.compile(rf"({_NUM})\s*([-+*/x×÷])\s*({_NUM})\s*=\s*\$?\s*({_NUM})")
+
+
+def arithmetic_steps(text: str) -> list[tuple[int, float]]:
+    """Every `a op b = c` written in free text (GSM8K-style, `<<48/2=24>>` annotations too), each
+    scored exactly with fractions; a result rounded to the digits it shows counts as right.
+
+    >>> arithmetic_steps("She sold 48/2 = <<48/2=24>>24 clips, then 48+24 = 72 and 3*5=16.")
+    [(25, 1.0), (52, 1.0), (63, 0.0)]
+    >>> arithmetic_steps("10/3 = 3.33 each")
+    [(11, 1.0)]
+    """
+    ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y, "x": lambda x, y: x * y,
+           "×": lambda x, y: x * y, "/": lambda x, y: x / y if y else None, "÷": lambda x, y: x / y if y else None}
+    steps = []
+    for m in _ARITH_STEP.finditer(text[:20_000]):
+        try:
+            x, y, c = (Fraction(g.replace(",", "")) for g in (m.group(1), m.group(3), m.group(4)))
+        except (ValueError, ZeroDivisionError):
+            continue
+        value = ops[m.group(2)](x, y)
+        decimals = len(m.group(4).split(".")[1]) if "." in m.group(4) else 0
+        right = value is not None and (value == c or (decimals > 0 and round(value, decimals) == c))
+        steps.append((m.end(), float(right)))
+    return steps
+
+
+def parity_steps(completion: str, example: dict) -> list[tuple[int, float]]:
+    """[GRPO-PS] step verifier: each trace symbol (after the last 'wait', if any) is a step, right
+    iff it is the k-th symbol of the true trace; the final answer is the last step. A direct
+    answer has one step, its answer.
+
+    >>> ex = parity_example("0110")
+    >>> parity_steps(parity_completion("0110"), ex)
+    [(8, 1.0), (9, 1.0), (10, 1.0), (11, 1.0), (37, 1.0)]
+    >>> parity_steps("<think>eOoo</think><answer>1</answer>", ex)   # the third bit copied wrong
+    [(8, 1.0), (9, 1.0), (10, 0.0), (11, 0.0), (37, 0.0)]
+    >>> parity_steps(parity_completion("0110", "direct"), ex)
+    [(33, 1.0)]
+    """
+    head = completion[:300]  # a trace is short; bounds the work on hostile text
+    start = head.find("<think>")
+    start = 0 if start < 0 else start + len("<think>")
+    end = head.find("</think>", start)
+    end = len(head) if end < 0 else end
+    retry = head.rfind(WAIT.strip(), start, end)
+    start = start if retry < 0 else retry + len(WAIT.strip())
+    want, steps = parity_trace(example["bits"]), []
+    for i in range(start, end):
+        if head[i] in "eoEO":
+            k = len(steps)
+            steps.append((i + 1, float(k < len(want) and head[i] == want[k])))
+    answer_end = completion.rfind("</answer>")
+    steps.append((answer_end + len("</answer>") if answer_end >= 0 else len(completion),
+                  parity_reward(completion, example)))
+    return steps
+
+
+def task_steps(name: str, completion: str, example: dict) -> list[tuple[int, float]]:
+    """The steps of any task: the tiny task's own trace, else the arithmetic in the text; the
+    final answer (the task's correctness) is always the last step."""
+    if name == "addition":
+        return addition_steps(completion, example)
+    if name == "parity":
+        return parity_steps(completion, example)
+    return arithmetic_steps(completion) + [(len(completion), TASKS[name].correct(completion, example))]
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. The offline tasks, generated here: no download, the same examples on every machine.
+# --------------------------------------------------------------------------------------------------
+
+
+# The shipped tiny model's task: two-digit addition, reasoned column by column, e.g.
+#     <think>7+8=15,4+3+1=8</think><answer>85</answer>
+# for the question "47+38": first the units column (7+8=15), then the tens column with the carry
+# written out (4+3+1=8), then the answer. The shipped tiny model learned this format from a
+# "sloppy teacher" that usually writes the carry as 0 (see assets/build_tiny_model.py), so the
+# trace it writes is wrong exactly where a carry is needed. RL has a real mistake to fix, and a
+# student can read in the trace what got fixed.
+ADDITION_HELD_OUT = 800  # (a, b) pairs that neither the SFT nor RL ever sees
+
+
+def addition_pairs(split: str) -> list[tuple[int, int]]:
+    """All (a, b) with 10 <= a, b <= 99, split once and for all into 'train' and 'test'.
+
+    The split does not depend on any run's seed, so no run can ever train on a test pair.
+    >>> len(addition_pairs("test")), len(addition_pairs("train"))
+    (800, 7300)
+    """
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    random.Random(14).shuffle(pairs)  # fixed seed: the split is part of the task's definition
+    if split == "test":
+        return pairs[:ADDITION_HELD_OUT]
+    if split == "train":
+        return pairs[ADDITION_HELD_OUT:]
+    raise ValueError(f"unknown split {split!r}: use 'train' or 'test'")
+
+
+def addition_trace(a: int, b: int, carry_written: int | None = None) -> str:
+    """The column-by-column solution of a + b in the R1 format.
+
+    `carry_written` is the carry the writer puts into the tens column; None means the right one.
+    A wrong carry makes the tens digit (and so the answer) wrong, consistently with the trace.
+    >>> addition_trace(47, 38)
+    '<think>7+8=15,4+3+1=8</think><answer>85</answer>'
+    >>> addition_trace(47, 38, carry_written=0)   # the sloppy teacher's version
+    '<think>7+8=15,4+3+0=7</think><answer>75</answer>'
+    >>> addition_trace(97, 38)
+    '<think>7+8=15,9+3+1=13</think><answer>135</answer>'
+    """
+    units = a % 10 + b % 10
+    carry = units // 10 if carry_written is None else carry_written
+    tens = a // 10 + b // 10 + carry
+    answer = tens * 10 + units % 10
+    return (f"<think>{a % 10}+{b % 10}={units},{a // 10}+{b // 10}+{carry}={tens}</think>"
+            f"<answer>{answer}</answer>")
+
+
+def addition_examples(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+    """Examples of the tiny task: {'question': '47+38', 'answer': '85', 'a': 47, 'b': 38}.
+
+    `n` examples drawn with `seed` (all of the split, in a fixed order, when n is None).
+    >>> addition_examples("test", n=1, seed=0)[0].keys()
+    dict_keys(['question', 'answer', 'a', 'b'])
+    """
+    pairs = addition_pairs(split)
+    if n is not None:
+        pairs = random.Random(seed).sample(pairs, min(n, len(pairs)))
+    return [{"question": f"{a}+{b}", "answer": str(a + b), "a": a, "b": b} for a, b in pairs]
+
+
+# The R1-Zero miniature: the parity of a bit string, answered directly or worked out bit by bit.
+#
+# The question is d = 3..12 bits, right-padded with "_" to PARITY_WIDTH characters (so every
+# prompt has the same length): "0110________". The answer is 1 if the string holds an odd number
+# of ones, else 0. A tiny transformer cannot do the parity of many bits "in its head" (a direct
+# answer to a long string is a coin flip), but each step of the running parity is easy. The trace
+# writes one symbol per bit, the pair (the bit, the parity so far): e / o for a 0 bit after which
+# the count of ones is even / odd, E / O for a 1 bit. So a trace is as long as the string:
+#     <think>eOEe</think><answer>0</answer>          worked out: 0 (even) 1 (odd) 1 (even) 0 (even)
+#     <think></think><answer>0</answer>              answered directly
+#     <think>1 wait eOEe</think><answer>0</answer>   a retry: a quick guess, "wait", then the trace
+# (One symbol per step matters: a plain 0/1 running-parity trace does not train at this size,
+# because its next symbol is independent of the input bit alone; the pair makes the bit visible.)
+
+
+PARITY_WIDTH = 12
+
+
+PARITY_BUCKETS = {"easy": (3, 4), "mid": (5, 8), "hard": (9, 12)}  # bucket -> (min d, max d)
+
+
+PARITY_HELD_OUT = 0.25  # of the strings of each length d (at least one), never trained on
+
+
+PARITY_SYMBOLS = {("0", 0): "e", ("0", 1): "o", ("1", 0): "E", ("1", 1): "O"}  # (bit, parity after it)
+
+
+WAIT = " wait "  # the retry marker, after a guess and before the trace
+
+
+def parity_bucket(d: int) -> str:
+    """'easy' (3-4 bits), 'mid' (5-8) or 'hard' (9-12)."""
+    return next(name for name, (lo, hi) in PARITY_BUCKETS.items() if lo <= d <= hi)
+
+
+def parity_strings(d: int, split: str) -> list[str]:
+    """The bit strings of length d in a split. A fixed quarter of each length (ranked by a hash, so
+    independent of any seed) is 'test'; the rest is 'train'. The all-zero string stays in 'train':
+    the one string with no 1 to count is a corner case that a held-out copy cannot teach (held out,
+    the model answered '000' and '0000' wrong and every other short string right).
+
+    >>> parity_strings(2, "test"), len(parity_strings(12, "test")), len(parity_strings(12, "train"))
+    (['10'], 1024, 3072)
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}: use 'train' or 'test'")
+    return list(_parity_split(d)[split == "test"])
+
+
+@lru_cache(maxsize=None)
+def _parity_split(d: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(train, test) strings of length d, each in counting order."""
+    strings = [format(i, f"0{d}b") for i in range(2 ** d)]
+    ranked = sorted(strings[1:], key=lambda s: zlib.crc32(s.encode()))  # strings[0]: all zeros
+    test = set(ranked[:max(1, round(PARITY_HELD_OUT * len(strings)))])
+    return tuple(s for s in strings if s not in test), tuple(s for s in strings if s in test)
+
+
+def parity_trace(bits: str) -> str:
+    """One symbol per bit: the bit (lower case 0, upper case 1) and the parity after it (e/o).
+
+    >>> parity_trace("0110"), parity_trace("111")
+    ('eOEe', 'OEO')
+    """
+    out, parity = [], 0
+    for b in bits:
+        parity ^= b == "1"
+        out.append(PARITY_SYMBOLS[(b, parity)])
+    return "".join(out)
+
+
+def parity_completion(bits: str, mode: str = "trace", guess: str = "1", answer: str | None = None) -> str:
+    """A transcript: 'direct', 'trace', or 'retry' (a guess, WAIT, then the trace); the answer is
+    the parity unless given.
+
+    >>> parity_completion("0110", "direct"), parity_completion("0110", "retry", guess="1")
+    ('<think></think><answer>0</answer>', '<think>1 wait eOEe</think><answer>0</answer>')
+    """
+    answer = str(bits.count("1") % 2) if answer is None else answer
+    think = {"direct": "", "trace": parity_trace(bits), "retry": guess + WAIT + parity_trace(bits)}[mode]
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+def parity_example(bits: str) -> dict:
+    """{'question': '0110________', 'answer': '0', 'bits': '0110', 'd': 4, 'bucket': 'easy'}"""
+    return {"question": bits.ljust(PARITY_WIDTH, "_"), "answer": str(bits.count("1") % 2), "bits": bits,
+            "d": len(bits), "bucket": parity_bucket(len(bits))}
+
+
+def parity_examples(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+    """n examples (1000 if None) of a split, the length d cycling through 3..12 (so every length is
+    equally common), each string drawn with `seed` from that length's strings of the split.
+
+    >>> [ex["question"] for ex in parity_examples("test", n=3, seed=0)]
+    ['110_________', '0011________', '10101_______']
+    """
+    rng, lengths = random.Random(f"parity/{split}/{seed}"), range(PARITY_BUCKETS["easy"][0], PARITY_WIDTH + 1)
+    return [parity_example(rng.choice(parity_strings(lengths[i % len(lengths)], split)))
+            for i in range(1000 if n is None else n)]
+
+
+def countdown_problem(rng: random.Random) -> dict:
+    """A random Countdown problem with a known solution: 3 or 4 numbers from 1 to 99 are combined
+    pairwise with random operations; kept if the result is a whole number from 1 to 100.
+
+    >>> p = countdown_problem(random.Random(1))
+    >>> countdown_reward(f"<answer>{p['solution']}</answer>", p["numbers"], p["target"])
+    1.0
+    """
+    ops = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+    while True:
+        numbers = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
+        parts = [(Fraction(x), str(x)) for x in numbers]  # (value, expression)
+        while len(parts) > 1:
+            (a, x), (b, y) = parts.pop(rng.randrange(len(parts))), parts.pop(rng.randrange(len(parts)))
+            op = rng.choice("+-*/" if b else "+-*")
+            parts.append((ops[op](a, b), f"({x} {op} {y})"))
+        value, expression = parts[0]
+        if value.denominator == 1 and 1 <= value <= 100:
+            return {"numbers": numbers, "target": int(value), "solution": expression[1:-1]}
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. The task table: each task's examples (offline or from the hub), its prompt, its verifier.
+#
+# Examples are plain dicts with at least 'question' and 'answer'.
+# --------------------------------------------------------------------------------------------------
+
+
 class TaskError(ValueError):
     """A bad task name, split or data file; the message is one line that names the fix."""
 
@@ -692,15 +697,25 @@ class Task(NamedTuple):
 
 
 _THINK = "Think step by step inside <think> </think> tags, then "
+
+
 MATH_INSTRUCTION = "{question}\n" + _THINK + "give only the final answer inside <answer> </answer> tags."
+
+
 COUNTDOWN_INSTRUCTION = ("{question}\n" + _THINK + "write only the equation inside <answer> </answer> tags,"
                          " for example <answer>(1 + 2) / 3</answer>.")
+
+
 CODE_INSTRUCTION = ("{question}\n" + _THINK + "give the complete Python code inside <answer> </answer> tags,"
                     " as one ```python code block.")
+
+
 # For a base model without a chat template: R1-Zero's plain-text prompt, ending inside the think block.
 BASE_TEMPLATE = ("A conversation between User and Assistant. The User asks a question and the Assistant "
                  "solves it: it first thinks about the reasoning process, then gives the answer, as "
                  "<think> reasoning </think> <answer> answer </answer>.\nUser: {content}\nAssistant: <think>")
+
+
 COUNTDOWN_TEST_ROWS = 1000  # held out from the end of Countdown-Tasks-3to4 (it has only a train split)
 
 
@@ -787,25 +802,14 @@ def _mbpp_example(row: dict, i: int) -> dict:
             "tests": [f"{setup}\n{test}" if setup else test for test in tests]}
 
 
-def countdown_problem(rng: random.Random) -> dict:
-    """A random Countdown problem with a known solution: 3 or 4 numbers from 1 to 99 are combined
-    pairwise with random operations; kept if the result is a whole number from 1 to 100.
+def _addition(split: str, n: int | None, seed: int, data_path: str | None) -> list[dict]:
+    _offline(data_path)
+    return addition_examples(split, n, seed)
 
-    >>> p = countdown_problem(random.Random(1))
-    >>> countdown_reward(f"<answer>{p['solution']}</answer>", p["numbers"], p["target"])
-    1.0
-    """
-    ops = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
-    while True:
-        numbers = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
-        parts = [(Fraction(x), str(x)) for x in numbers]  # (value, expression)
-        while len(parts) > 1:
-            (a, x), (b, y) = parts.pop(rng.randrange(len(parts))), parts.pop(rng.randrange(len(parts)))
-            op = rng.choice("+-*/" if b else "+-*")
-            parts.append((ops[op](a, b), f"({x} {op} {y})"))
-        value, expression = parts[0]
-        if value.denominator == 1 and 1 <= value <= 100:
-            return {"numbers": numbers, "target": int(value), "solution": expression[1:-1]}
+
+def _parity(split: str, n: int | None, seed: int, data_path: str | None) -> list[dict]:
+    _offline(data_path)
+    return parity_examples(split, n, seed)
 
 
 def _countdown_procedural(split: str, n: int | None, seed: int, data_path: str | None) -> list[dict]:
@@ -832,19 +836,18 @@ def _countdown_hub(split: str, n: int | None, seed: int, data_path: str | None) 
             for i in _sample(split_rows, n, seed)]
 
 
-def _addition(split: str, n: int | None, seed: int, data_path: str | None) -> list[dict]:
-    _offline(data_path)
-    return addition_examples(split, n, seed)
-
-
 def _countdown_correct(completion: str, example: dict) -> float:
     return countdown_reward(completion, example["numbers"], example["target"])
 
 
 _MBPP = "google-research-datasets/mbpp"
+
+
 TASKS: dict[str, Task] = {
     # the tiny model's task: the prompt is only the question ("47+38"): its vocabulary has ~30 characters
     "addition": Task(_addition, "{question}", addition_reward),
+    # the R1-Zero miniature (assets/tiny-parity): the prompt is the padded bit string ("0110________")
+    "parity": Task(_parity, "{question}", parity_reward),
     "countdown-procedural": Task(_countdown_procedural, COUNTDOWN_INSTRUCTION, _countdown_correct),
     "gsm8k": Task(_hub_loader({s: ("openai/gsm8k", "main", s) for s in ("train", "test")}, _gsm8k_example),
                   MATH_INSTRUCTION, lambda completion, ex: gsm8k_reward(completion, ex["answer"])),
@@ -907,9 +910,242 @@ def task_reward(name: str, completion: str, example: dict, format_weight: float 
     return correct + format_weight * form, {"correct": correct, "format": form}
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. Adapters: the same rewards in the forms that TRL and verl expect.
-# ----------------------------------------------------------------------------------------------
+# ==================================================================================================
+# THE MACHINERY (read when you need it): the time limits that keep a verifier from hanging, the
+# helper process that runs a symbolic comparison for another thread, the code sandbox, and the
+# adapters for TRL and verl.
+# ==================================================================================================
+
+
+def _verify_latex(pred: str, gold: str) -> bool:
+    """Hugging Face math-verify's symbolic comparison, with its own (signal-based) timeouts off."""
+    from math_verify import parse, verify  # imported on first use: ~0.3 s
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings: we time it
+
+    def delimited(s: str) -> str:  # math-verify finds LaTeX only between delimiters
+        s = s.replace("\\$", "")
+        return s if "$" in s or "\\boxed" in s else f"${s}$"
+    gold_parsed = parse(delimited(gold), parsing_timeout=None)
+    pred_parsed = parse(delimited(pred), parsing_timeout=None)
+    return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+class _TimeUp(BaseException):
+    """Raised by our SIGALRM tick when time is up: a BaseException, so math-verify's
+    `except Exception` lets it pass."""
+
+
+_WARM_UP = ("x^2+2x+1", "(x+1)^2")  # needs the parser and sympy's polynomial code
+
+
+_warmed_up: list[bool] = []  # [True] once this process has compared _WARM_UP
+
+
+def _warm_up() -> None:
+    """Import math-verify and compare _WARM_UP once per process, untimed. The first symbolic
+    comparison of a process builds sympy's and the LaTeX parser's machinery: up to 0.4 s more CPU
+    than the same comparison later (0.14 s at most for any of the tests' equivalences after this).
+    Timing it would make a verdict depend on which answer came first."""
+    if not _warmed_up:
+        _verify_latex(*_WARM_UP)
+        _warmed_up.append(True)
+
+
+def _verify_in_time(pred: str, gold: str) -> bool:
+    """_verify_latex, but False once it has spent MATH_TIMEOUT_S of its thread's CPU time, or
+    after MATH_WALL_S of wall-clock time (a backstop for a machine too busy to give it the CPU).
+
+    CPU time, not wall-clock: it is what the comparison costs, the same on a quiet machine and on
+    one whose cores other processes keep busy (a wall-clock limit turns right answers into
+    reward 0 at random there). Signals can interrupt sympy only in the main thread: there a
+    SIGALRM tick checks both clocks, first after MATH_TIMEOUT_S (a thread cannot spend CPU time
+    faster than wall-clock time passes), then every 50 ms until the comparison ends (a tick that
+    raises inside a finalizer is swallowed, so the next one raises again); the caller's SIGALRM
+    handler and pending timer are restored afterwards. Any other thread sends the comparison to a
+    helper process, which applies this same rule in its own main thread (_judge_equal).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return _judge_equal(pred, gold)
+    _warm_up()  # before the clocks start: the process's one-time set-up is not this comparison's
+    armed = [True]
+    start, cpu_start = time.monotonic(), time.thread_time()
+
+    def on_tick(signum, frame):
+        if armed[0] and (time.thread_time() - cpu_start > MATH_TIMEOUT_S
+                         or time.monotonic() - start > MATH_WALL_S):
+            raise _TimeUp
+    old_handler = signal.signal(signal.SIGALRM, on_tick)
+    old_handler = signal.SIG_DFL if old_handler is None else old_handler
+    # then every 50 ms: a tick that raises inside a finalizer (gc) is swallowed there
+    old_delay, _ = signal.setitimer(signal.ITIMER_REAL, min(MATH_TIMEOUT_S, MATH_WALL_S), 0.05)
+    try:
+        try:
+            return _verify_latex(pred, gold)
+        finally:
+            armed[0] = False  # from here on a late alarm does nothing
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_handler)
+            if old_delay:
+                signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - start), 1e-3))
+    except _TimeUp:
+        signal.signal(signal.SIGALRM, old_handler)  # in case the alarm struck inside the clean-up
+        return False
+
+
+def _python_running(function: str, *flags: str) -> list[str]:
+    """The command line of a fresh Python that imports this file and calls `function()`."""
+    here, module = os.path.dirname(os.path.abspath(__file__)), Path(__file__).stem
+    code = f"import sys; sys.path.insert(0, {here!r}); import {module}; {module}.{function}()"
+    return [sys.executable, *flags, "-c", code]
+
+
+_judges: dict[int, subprocess.Popen] = {}  # helper process per process id (a forked child needs its own)
+
+
+_judge_lock = threading.Lock()
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str | None:
+    """The next line `proc` prints within `timeout` seconds of wall-clock time, or None."""
+    return proc.stdout.readline().strip() if select.select([proc.stdout], [], [], timeout)[0] else None
+
+
+def _judge_equal(pred: str, gold: str) -> bool:
+    """_verify_in_time in a long-lived helper process (in its main thread: the same CPU budget and
+    backstop), which answers 0 by itself when time is up. Killed (and later replaced) only if it
+    has not answered 0.5 s after its own backstop: stuck where no signal gets in (a long C call)."""
+    with _judge_lock:  # one comparison at a time through the helper
+        judge = _judges.get(os.getpid())
+        if judge is None or judge.poll() is not None:
+            judge = _judges[os.getpid()] = subprocess.Popen(
+                _python_running("_judge_loop"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True, bufsize=1)
+            _read_line(judge, 60)  # "ready": its start (import, warm-up: ~1.5 s) is not timed
+        try:
+            judge.stdin.write(json.dumps([pred, gold]) + "\n")
+            judge.stdin.flush()
+            answer = _read_line(judge, MATH_WALL_S + 0.5)
+        except (OSError, ValueError):
+            answer = None
+        if answer is None:  # late or dead: kill it; the next call starts a fresh one
+            judge.kill()
+            judge.wait()
+            del _judges[os.getpid()]
+        return answer == "1"
+
+
+def _judge_loop() -> None:
+    """The helper process behind _judge_equal: reads [pred, gold] lines, answers 1 or 0, each
+    comparison timed by _verify_in_time (this is the helper's main thread, where signals work)."""
+    _warm_up()  # before saying ready: the helper's start is not timed
+    print("ready", flush=True)
+    for line in sys.stdin:
+        try:
+            ok = _verify_in_time(*json.loads(line))
+        except Exception:
+            ok = False
+        print(1 if ok else 0, flush=True)
+
+
+# Code: run the program and its tests in a separate, limited Python process.
+
+
+_SANDBOX_MODULES = ("math", "cmath", "re", "string", "collections", "itertools", "functools", "heapq", "bisect",
+                    "operator", "copy", "array", "fractions", "decimal", "statistics", "random", "datetime",
+                    "_strptime", "typing", "dataclasses", "json")  # importable even after the drop to 'nobody'
+
+
+_SANDBOX_BLOCKED_CALLS = (  # set to None in os / posix / _posixsubprocess before the program runs
+    "fork", "forkpty", "system", "popen", "fork_exec", "posix_spawn", "posix_spawnp", "execv", "execve",
+    "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
+    "spawnv", "spawnve", "spawnvp", "spawnvpe", "kill", "killpg", "setsid", "setpgid", "setpgrp", "setuid",
+    "setreuid", "setresuid", "putenv", "unsetenv", "remove", "unlink", "rmdir", "removedirs", "rename",
+    "renames", "replace", "chmod", "chown", "lchown", "link", "symlink", "truncate", "chdir", "fchdir",
+    "chroot", "mkfifo", "mknod")
+
+
+_SANDBOX_BLOCKED_MODULES = ("subprocess", "multiprocessing", "ctypes", "_ctypes", "pty")  # `import` fails
+
+
+def _sandbox_child() -> None:
+    """Runs inside the sandbox process of code_reward: limits first, then the program, then the
+    tests one by one, writing 1 (passed) or 0 per test to the results file as it goes."""
+    import _io
+    import _posixsubprocess
+    import builtins
+    import io
+    import posix
+    import resource
+    job = json.loads(sys.stdin.read())
+    for limit, value in ((resource.RLIMIT_CPU, job["cpu_s"]), (resource.RLIMIT_AS, job["memory"]),
+                         (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(limit, (value, value))
+    results = os.fdopen(os.dup(1), "w", buffering=1)  # our line back to the parent
+    quiet = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(quiet, fd)  # the program's input() and print() go nowhere
+    for name in _SANDBOX_MODULES:
+        __import__(name)
+    sys.dont_write_bytecode = True
+    if os.geteuid() == 0:  # root ignores RLIMIT_NPROC and may read every process's environment
+        try:  # become uid/gid 65534 ('nobody'), keeping this directory writable
+            os.chown(".", 65534, 65534)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+        except OSError:  # no CAP_SETUID (some containers): stay root, with the guard below only
+            pass
+    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))  # no new process or thread (binds unless root)
+    workdir = os.path.realpath(os.getcwd())
+    real_open, real_os_open, real_file_io = builtins.open, os.open, _io.FileIO
+
+    def check(path) -> None:  # only paths inside the working directory (no file descriptors either)
+        if not (isinstance(path, (str, bytes, os.PathLike))
+                and os.path.realpath(os.fsdecode(path)).startswith(workdir + os.sep)):
+            raise PermissionError(f"sandbox: {path!r} is outside {workdir}")
+
+    def guarded_open(file, *args, **kwargs):
+        check(file)
+        return real_open(file, *args, **kwargs)
+
+    def guarded_os_open(path, *args, **kwargs):
+        check(path)
+        return real_os_open(path, *args, **kwargs)
+
+    class GuardedFileIO(real_file_io):
+        def __init__(self, file, *args, **kwargs):
+            check(file)
+            super().__init__(file, *args, **kwargs)
+    builtins.open = io.open = _io.open = guarded_open
+    io.FileIO = _io.FileIO = GuardedFileIO
+    os.open = posix.open = guarded_os_open
+    for module in (os, posix, _posixsubprocess):
+        for name in _SANDBOX_BLOCKED_CALLS:
+            if hasattr(module, name):
+                setattr(module, name, None)
+    for name in _SANDBOX_BLOCKED_MODULES:
+        sys.modules[name] = None
+    run, compile_, failure = exec, compile, BaseException  # our own references: the program may patch builtins
+    namespace = {"__name__": "solution"}
+    try:
+        run(compile_(job["code"], "solution.py", "exec"), namespace)
+        loaded = True
+    except failure:
+        loaded = False
+    for test in job["tests"]:
+        passed = False
+        if loaded:
+            try:
+                run(compile_(test, "test.py", "exec"), namespace)
+                passed = True
+            except failure:
+                pass
+        results.write("1\n" if passed else "0\n")
+
+
+# Adapters: the same rewards in the forms that TRL and verl expect.
+
+
 def trl_reward_func(task_name: str, format_weight: float = 0.1) -> Callable[..., list[float]]:
     """A reward function for TRL's GRPOTrainer(reward_funcs=...). TRL calls it with the prompts, the
     completions (strings, or lists of {'role', 'content'} messages) and every other dataset column

@@ -16,7 +16,8 @@ sys.path.insert(0, ROOT)
 import rewards  # noqa: E402
 from rewards import (addition_reward, addition_trace, countdown_reward, extract_answer,  # noqa: E402
                      format_reward, gsm8k_reward, length_rewards, math_equal, math_reward, overlong_penalty,
-                     addition_steps, arithmetic_steps, task_steps)
+                     addition_steps, arithmetic_steps, task_steps, parity_reward, parity_steps,
+                     parity_example, parity_completion, reasoning_mode)
 
 
 HANG_S = rewards.MATH_WALL_S + 1.0  # no verifier call may take longer, however busy the machine
@@ -268,7 +269,9 @@ def _verifier_calls(text):
             lambda: addition_reward(text, {"answer": "85"}),
             # step verifiers (process supervision): the same guarantees
             lambda: addition_steps(text, {"a": 47, "b": 38, "answer": "85"}), lambda: arithmetic_steps(text),
-            lambda: task_steps("gsm8k", text, {"answer": "72"})]
+            lambda: task_steps("gsm8k", text, {"answer": "72"}),
+            lambda: parity_reward(text, parity_example("0110")), lambda: reasoning_mode(text),
+            lambda: parity_steps(text, parity_example("0110"))]
 
 
 # A time-limit alarm that strikes inside a finalizer is printed as "Exception ignored" and struck
@@ -504,3 +507,22 @@ def test_time_limit_holds_when_the_first_alarm_is_swallowed():
     verdict, cpu_seconds = out.stdout.split()
     assert verdict == "False", out.stdout + out.stderr
     assert float(cpu_seconds) < rewards.MATH_TIMEOUT_S + 0.6, out.stdout + out.stderr
+
+
+def test_parity_step_verifier_blames_the_first_wrong_symbol_and_after():
+    ex = parity_example("0110")
+    assert [r for _, r in parity_steps(parity_completion("0110"), ex)] == [1.0] * 5
+    assert [r for _, r in parity_steps("<think>eOoo</think><answer>1</answer>", ex)] == [1, 1, 0, 0, 0]
+    retry = parity_completion("0110", "retry", guess="1")  # the guess before "wait" is no step
+    assert [r for _, r in parity_steps(retry, ex)] == [1.0] * 5
+    assert parity_steps(parity_completion("0110", "direct"), ex) == [(33, 1.0)]
+    ends = [e for e, _ in parity_steps(parity_completion("0110"), ex)]
+    assert parity_completion("0110")[: ends[1]] == "<think>eO"  # an end is just past its symbol
+    assert task_steps("parity", parity_completion("0110"), ex) == parity_steps(parity_completion("0110"), ex)
+
+
+def test_reasoning_mode_tells_direct_trace_and_retry_in_any_task():
+    assert [reasoning_mode(parity_completion("0110", m)) for m in ("direct", "trace", "retry")] == [
+        "direct", "trace", "retry"]
+    assert reasoning_mode(addition_trace(47, 38)) == "trace"
+    assert reasoning_mode("<answer>85</answer>") == "other"

@@ -35,10 +35,11 @@ def one_line_task_error(call, *words):
 
 # ---- the table ------------------------------------------------------------------------------------
 def test_task_table():
-    assert set(TASKS) == {"addition", "countdown-procedural", "gsm8k", "math", "countdown", "mbpp"}
+    assert set(TASKS) == {"addition", "parity", "countdown-procedural", "gsm8k", "math", "countdown",
+                          "mbpp"}
     for task in TASKS.values():
         assert callable(task.load) and callable(task.correct) and "{question}" in task.instruction
-    assert TASKS["addition"].instruction == "{question}"
+    assert TASKS["addition"].instruction == TASKS["parity"].instruction == "{question}"
     assert issubclass(TaskError, ValueError)
 
 
@@ -311,3 +312,19 @@ def test_verl_compute_score():
     assert compute_score("google-research-datasets/mbpp", code, tests) == pytest.approx(1.1)
     assert compute_score("mbpp", code, json.dumps(tests)) == pytest.approx(1.1)
     one_line_task_error(lambda: compute_score("lighteval/aime", "x", "1"), "lighteval/aime", "gsm8k")
+
+
+def test_parity_split_is_fixed_disjoint_and_a_quarter_of_each_length():
+    from rewards import PARITY_BUCKETS, parity_examples, parity_strings
+    for d in range(3, 13):
+        train, test = set(parity_strings(d, "train")), set(parity_strings(d, "test"))
+        assert not train & test and len(train | test) == 2**d
+        assert len(test) == max(1, round(0.25 * 2**d)) and "0" * d in train
+    for seed in (0, 1):  # the examples move with the seed; the split does not
+        held_out = parity_examples("test", n=200, seed=seed)
+        assert all(ex["bits"] in parity_strings(ex["d"], "test") for ex in held_out)
+        assert {ex["d"] for ex in held_out} == set(range(3, 13))  # every length, equally often
+        assert all(PARITY_BUCKETS[ex["bucket"]][0] <= ex["d"] <= PARITY_BUCKETS[ex["bucket"]][1]
+                   for ex in held_out)  # fmt: skip
+    assert parity_examples("test", n=5, seed=3) == parity_examples("test", n=5, seed=3)
+    assert parity_examples("test", n=5, seed=3) != parity_examples("test", n=5, seed=4)
