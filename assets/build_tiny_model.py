@@ -1,6 +1,6 @@
 """build_tiny_model.py - build the tiny models nano-rlvr ships: assets/tiny-addition/ and its variants.
 
-    python assets/build_tiny_model.py [--variant cold-start|think-fusion|base|base-web] [--out DIR] [--seed 0]
+    python assets/build_tiny_model.py [--variant cold-start|think-fusion|base|base-web|parity] [--out DIR] [--seed 0]
 
 RL from verifiable rewards improves a policy that already *sometimes* gets the answer right:
 GRPO learns only from groups whose rewards differ. DeepSeek-R1 therefore starts with a small
@@ -46,6 +46,18 @@ Four variants, same tokenizer, architecture and sloppy teacher (chapter 14.3's c
                 the loss is still on every token. (rewards.BASE_TEMPLATE, R1-Zero's plain-text
                 prompt, is ~218 tokens: longer than this model's 128 positions; nano_grpo.py uses
                 the tokenizer's chat template whenever there is one, for base and base-web alike.)
+  parity        -> assets/tiny-parity/: R1-Zero's headline curve in miniature (issue 15), on another task:
+                the parity of 3..12 bits (rewards.py, section 1b), a smaller Qwen2 (hidden 64, 2 heads
+                of 32). Pre-trained on the teacher's transcripts (prompt masked, loss averaged per
+                sequence so long traces do not outweigh short answers) in a mix of modes: mostly
+                direct answers, traces more often the longer the string (--p-trace-lo at 3 bits to
+                --p-trace-hi at 12), some of them retries (a guess, " wait ", the trace), a few traces cut
+                at a random length with a forced </think> (as --think_budget cuts; that part masked),
+                plus extra short strings. The teacher is a person doing parity in their head: its direct
+                answers are right up to --direct-max (5) bits and coin flips beyond (without that, a
+                model this size can learn to count the ones and answer long strings directly: one
+                build did, 0.91 on 9-12 bits); its traces are always right. So a trace is worth
+                writing on longer strings only, and GRPO has to find that out.
 """
 from __future__ import annotations
 
@@ -67,7 +79,8 @@ from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from rewards import addition_pairs, addition_trace, build_prompt  # noqa: E402
+from rewards import (addition_pairs, addition_trace, build_prompt, parity_completion, parity_examples,  # noqa: E402
+                     parity_strings, parity_trace, reasoning_mode, PARITY_WIDTH, PARITY_BUCKETS)
 
 # Ids 0..9 are fixed (other code relies on pad=0, eos=1). pad, eos and unk are *special*: decode
 # (skip_special_tokens=True, vLLM's default) drops them. The chat and reasoning tags are
@@ -98,7 +111,10 @@ VARIANTS = {  # variant -> (default output folder, default SFT steps)
     "think-fusion": ("tiny-addition-fusion", 800),
     "base": ("tiny-addition-base", 600),
     "base-web": ("tiny-addition-base-web", 600),
+    "parity": ("tiny-parity", 1500),
 }
+# parity: a smaller model than the addition models (faster RL steps); head_dim stays 32
+SIZES = {"parity": dict(hidden_size=64, intermediate_size=256, num_attention_heads=2, num_key_value_heads=2)}
 # base-web: the share of pre-training documents that are R1-format transcripts ("web pages with
 # R1-style reasoning"): small, and mostly wrong on carries (the sloppy teacher), so a weak prior.
 WEB_SHARE = 0.03
@@ -119,10 +135,10 @@ def build_tokenizer() -> Qwen2Tokenizer:
     return tok
 
 
-def build_model(vocab_size: int, seed: int) -> Qwen2ForCausalLM:
+def build_model(vocab_size: int, seed: int, **size) -> Qwen2ForCausalLM:
     config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4,  # head_dim 32: the smallest vLLM-CPU runs
+        vocab_size=vocab_size, **{**dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4), **size},  # head_dim 32: the smallest vLLM-CPU runs
         max_position_embeddings=MAX_LEN, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=1, pad_token_id=0, dtype="float32")
     torch.manual_seed(seed)
@@ -225,8 +241,50 @@ def base_web_rows(tok, take, rng, args):
     return rows
 
 
+def parity_rows(tok, take, rng, args):
+    """parity: the teacher's transcripts in a mix of modes; the prompt (and a cut row's forced
+    think prefix) is masked. take is not used: the strings come from rewards.parity_strings."""
+    rows, close = [], tok.convert_tokens_to_ids("</think>")
+    for _ in range(args.batch_size):
+        lo = PARITY_BUCKETS["easy"][0]
+        d = rng.randint(lo, args.direct_max) if rng.random() < args.p_easy else rng.randint(lo, PARITY_WIDTH)
+        bits = rng.choice(parity_strings(d, "train"))
+        p_trace = args.p_trace_lo + (args.p_trace_hi - args.p_trace_lo) * (d - lo) / (PARITY_WIDTH - lo)
+        u = rng.random()
+        mode = ("cut" if u < args.p_cut else "trace" if u < args.p_cut + p_trace else "direct")
+        if mode == "trace" and rng.random() < args.p_retry:
+            mode = "retry"
+        k = rng.randint(0, d - 1)  # cut: a thinking budget of k symbols
+        # the teacher's mental parity: right up to DIRECT_MAX bits, a coin flip beyond (also after a cut:
+        # the parity so far, plus the rest in its head)
+        in_head = (d if mode == "direct" else d - k if mode == "cut" else 0) <= args.direct_max
+        answer = None if in_head else rng.choice("01")
+        p = tok.encode(prompt_text(bits))
+        c = tok.encode(parity_completion(bits, "trace" if mode == "cut" else mode, guess=rng.choice("01"), answer=answer))
+        c += [tok.eos_token_id]
+        if mode == "cut":  # the think block up to the budget is forced (masked), then </think>
+            p, c = p + c[:1 + k] + [close], c[c.index(close) + 1:]
+        rows.append((p + c, [-100] * len(p) + c))
+    return rows
+
+
+def prompt_text(bits: str) -> str:
+    """parity: what the chat template renders for the question (checked in main)."""
+    return f"<|user|>{bits.ljust(PARITY_WIDTH, '_')}<|assistant|>"
+
+
+def sequence_mean_loss(model, ids, labels, pad_id):
+    """Cross-entropy averaged over each row's labelled tokens, then over rows (every answer counts
+    the same, however long); HF's loss would average over all labelled tokens of the batch."""
+    logits = model(input_ids=ids, attention_mask=(ids != pad_id)).logits[:, :-1]
+    target = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    mask = (target != -100).float()
+    return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
 ROWS = {"cold-start": cold_start_rows, "think-fusion": fusion_rows, "base": base_rows,
-        "base-web": base_web_rows}
+        "base-web": base_web_rows, "parity": parity_rows}
 
 
 def pad_rows(tok, rows):
@@ -255,12 +313,14 @@ def sft(model, tok, args) -> None:
         return pairs
 
     # args.steps sets the schedule; a short build (--stop-after K) runs only its first K steps
-    desc = "pre-train" if args.variant.startswith("base") else "SFT"
+    desc = "pre-train" if args.variant.startswith("base") or args.variant == "parity" else "SFT"
     bar = tqdm(range(args.run_steps), desc=desc)
     for step in bar:
         ids, labels = pad_rows(tok, ROWS[args.variant](tok, take, rng, args))
-        # HF shifts the labels and averages over the labelled tokens of the batch
-        loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id), labels=labels).loss
+        if args.variant == "parity":
+            loss = sequence_mean_loss(model, ids, labels, tok.pad_token_id)
+        else:  # HF shifts the labels and averages over the labelled tokens of the batch
+            loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -337,8 +397,46 @@ def report(name: str, m: dict) -> None:
     print(line)
 
 
+def evaluate_parity(model, tok, seed: int, group: int = 8, per_length: int = 60) -> dict:
+    """parity: on held-out strings, per bucket: greedy accuracy and mode, and at T=1 the share of
+    traces (retries included) and retries, and the accuracy of traces and of direct answers."""
+    rng = random.Random(seed)
+    test = [b for d in range(PARITY_BUCKETS["easy"][0], PARITY_WIDTH + 1) for b in
+            (lambda s: rng.sample(s, min(per_length, len(s))))(parity_strings(d, "test"))]
+    prompts = [prompt_text(b) for b in test]
+    greedy = generate(model, tok, prompts)
+    torch.manual_seed(seed)
+    sampled = generate(model, tok, prompts, n=group, temperature=1.0)
+    out = {}
+    for name, (lo, hi) in PARITY_BUCKETS.items():
+        idx = [i for i, b in enumerate(test) if lo <= len(b) <= hi]
+        right = lambda c, b: re.search(r"<answer>([01])</answer>", c) is not None and \
+            re.search(r"<answer>([01])</answer>", c).group(1) == str(b.count("1") % 2)
+        g = [(greedy[i], test[i]) for i in idx]
+        s = [(sampled[i * group + j], test[i]) for i in idx for j in range(group)]
+        modes = [reasoning_mode(c) for c, _ in s]
+        traced = [(c, b) for (c, b), m in zip(s, modes) if m in ("trace", "retry")]
+        direct = [(c, b) for (c, b), m in zip(s, modes) if m == "direct"]
+        out[name] = dict(
+            greedy_acc=sum(right(c, b) for c, b in g) / len(g),
+            greedy_trace=sum(reasoning_mode(c) in ("trace", "retry") for c, _ in g) / len(g),
+            sampled_acc=sum(right(c, b) for c, b in s) / len(s),
+            trace_share=len(traced) / len(s), retry_share=modes.count("retry") / len(s),
+            other_share=modes.count("other") / len(s),
+            trace_acc=sum(right(c, b) for c, b in traced) / max(1, len(traced)),
+            direct_acc=sum(right(c, b) for c, b in direct) / max(1, len(direct)),
+            example=g[-1][0])
+    return out
+
+
 def evaluate_variant(model, tok, args) -> None:
-    if args.variant == "cold-start":
+    if args.variant == "parity":
+        for name, m in evaluate_parity(model, tok, args.seed).items():
+            print(f"{name:5s}: greedy {m['greedy_acc']:.3f} (traces {m['greedy_trace']:.2f}); T=1: acc "
+                  f"{m['sampled_acc']:.3f}, traces {m['trace_share']:.3f} (retries {m['retry_share']:.3f}, "
+                  f"other {m['other_share']:.3f}), trace acc {m['trace_acc']:.3f}, direct acc "
+                  f"{m['direct_acc']:.3f}; e.g. {m['example']!r}")
+    elif args.variant == "cold-start":
         report("chat", evaluate(model, tok, args.seed))
     elif args.variant == "think-fusion":
         report("think (no suffix)", evaluate(model, tok, args.seed))
@@ -372,6 +470,14 @@ def main() -> None:
     ap.add_argument("--p-budget", type=float, default=0.1,
                     help="think-fusion: share of rows (no suffix) cut at a random thinking budget")
     ap.add_argument("--max-lines", type=int, default=4, help="base: most lines per document")
+    ap.add_argument("--p-trace-lo", type=float, default=0.02, help="parity: share of traces at 3 bits")
+    ap.add_argument("--p-trace-hi", type=float, default=0.45, help="parity: share of traces at 12 bits")
+    ap.add_argument("--p-retry", type=float, default=0.3,
+                    help="parity: share of traces that are retries (guess, wait, trace)")
+    ap.add_argument("--p-cut", type=float, default=0.05, help="parity: share of traces cut by a thinking budget")
+    ap.add_argument("--direct-max", type=int, default=5,
+                    help="parity: the teacher's direct answers are right up to this many bits, coin flips beyond")
+    ap.add_argument("--p-easy", type=float, default=0.3, help="parity: share of extra rows of 3..direct-max bits")
     ap.add_argument("--stop-after", type=int, default=None, metavar="K",
                     help="a short build: stop after the first K steps of the full schedule, save, "
                          "skip the evaluation (tests compare two such builds byte for byte)")
@@ -391,13 +497,18 @@ def main() -> None:
         chat = tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
         assert chat == prompt(47, 38, suffix)
     assert transcript(tok, 47, 38, random.Random(0), args).startswith(prompt(47, 38) + "<think>")
-    model = build_model(len(tok), args.seed)
+    if args.variant == "parity":
+        ex = parity_examples("train", n=1)[0]
+        assert build_prompt("parity", ex, tok) == prompt_text(ex["bits"])
+        assert len(tok.encode(parity_trace("0110"))) == 4  # one token per step
+    model = build_model(len(tok), args.seed, **SIZES.get(args.variant, {}))
     print(f"{args.variant}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"vocab {len(tok)}")
 
     t0 = time.time()
     sft(model, tok, args)
-    print(f"{'pre-training' if args.variant.startswith('base') else 'SFT'}: {args.run_steps} of "
+    pre = args.variant.startswith("base") or args.variant == "parity"  # plain LM pre-training
+    print(f"{'pre-training' if pre else 'SFT'}: {args.run_steps} of "
           f"{args.steps} steps in {time.time() - t0:.0f} s")
 
     out = Path(args.out)

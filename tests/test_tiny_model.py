@@ -207,6 +207,32 @@ def measure_base_web(tok, model):
             "acc": share(right(e, o) for e, o in zip(examples, outs))}
 
 
+def measure_parity(tok, model):
+    """Held-out strings, 12 of each length 3..12: greedy accuracy per bucket, and at T=1 (8 samples
+    each) the share of traces (retries included) per bucket, their accuracy, malformed answers."""
+    from rewards import PARITY_BUCKETS, parity_reward, parity_strings, parity_example, reasoning_mode
+    rng = __import__("random").Random(0)
+    examples = [parity_example(b) for d in range(3, 13)
+                for b in rng.sample(parity_strings(d, "test"), min(12, len(parity_strings(d, "test"))))]
+    greedy = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples]),
+                              skip_special_tokens=True)  # fmt: skip
+    torch.manual_seed(0)
+    sampled = tok.batch_decode(hf_generate(model, tok, [e["question"] for e in examples], n=8,
+                                           temperature=1.0), skip_special_tokens=True)  # fmt: skip
+    m = {}
+    for bucket in PARITY_BUCKETS:
+        mine = [i for i, e in enumerate(examples) if e["bucket"] == bucket]
+        m[f"greedy_acc_{bucket}"] = share(parity_reward(greedy[i], examples[i]) for i in mine)
+        modes = [reasoning_mode(sampled[8 * i + j]) for i in mine for j in range(8)]
+        m[f"trace_share_{bucket}"] = share(mode in ("trace", "retry") for mode in modes)
+    modes = [reasoning_mode(o) for o in sampled]
+    traces = [k for k, mode in enumerate(modes) if mode in ("trace", "retry")]
+    m["trace_acc"] = share(parity_reward(sampled[k], examples[k // 8]) for k in traces)
+    m["greedy_trace_share"] = share(reasoning_mode(o) in ("trace", "retry") for o in greedy)
+    m["malformed"] = share(mode == "other" for mode in modes)
+    return m
+
+
 CONTRACTS = {  # variant -> (measure, {metric: (low, high)})
     # partly right (something for RL to fix), the format learned; the designed mistake: no-carry
     # problems right, carry problems mostly wrong; and GRPO needs groups with mixed rewards: at
@@ -226,6 +252,14 @@ CONTRACTS = {  # variant -> (measure, {metric: (low, high)})
     # the same, with a few R1 transcripts: a weak prior, the prompt is continued in the format;
     # the arithmetic is not there (R1-Zero's case study asks whether RL teaches it)
     "base-web": (measure_base_web, {"format": (0.8, 1.0), "acc": (0.0, 0.2)}),
+    # R1-Zero's miniature: greedy answers are direct (right on easy strings, coin flips beyond),
+    # sampled answers sometimes work the parity out, more often the longer the string, and a
+    # worked-out answer is nearly always right: what GRPO needs to make it think on hard items
+    "parity": (measure_parity, {
+        "greedy_acc_easy": (0.9, 1.0), "greedy_acc_mid": (0.3, 0.75), "greedy_acc_hard": (0.3, 0.75),
+        "greedy_trace_share": (0.0, 0.1), "trace_share_easy": (0.0, 0.08),
+        "trace_share_mid": (0.03, 0.3), "trace_share_hard": (0.08, 0.4), "trace_acc": (0.9, 1.0),
+        "malformed": (0.0, 0.05)}),
 }
 
 
@@ -449,9 +483,24 @@ def test_base_web_corpus_holds_the_stated_share_of_r1_transcripts():
     check_contract("base-web", tok, model)
 
 
+PARITY_MODEL = os.path.join(ROOT, "assets", "tiny-parity")
+
+
+@pytest.mark.skipif(not os.path.isdir(PARITY_MODEL), reason="parity model not built")
+def test_parity_model_answers_directly_and_sometimes_thinks():
+    tok, model = load(PARITY_MODEL)
+    c = model.config
+    assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.hidden_size // c.num_attention_heads,
+            c.vocab_size) == ("qwen2", 64, 4, 32, len(tok))  # head_dim 32: what vLLM-CPU runs
+    assert sum(os.path.getsize(os.path.join(PARITY_MODEL, f)) for f in os.listdir(PARITY_MODEL)) <= 20 * 2**20
+    for name in ["tokenizer.json", "tokenizer_config.json"]:  # the addition models' tokenizer
+        assert sha256(os.path.join(PARITY_MODEL, name)) == sha256(os.path.join(TINY_MODEL, name)), name
+    check_contract("parity", tok, model)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,folder", [("think-fusion", FUSION_MODEL), ("base", BASE_MODEL),
-                                            ("base-web", BASE_WEB_MODEL)])
+                                            ("base-web", BASE_WEB_MODEL), ("parity", PARITY_MODEL)])
 def test_rebuilt_variant_keeps_its_contract(tmp_path, variant, folder):
     """As for the default model: the shipped files but the weights, and the variant's contract."""
     if not os.path.isdir(folder):
