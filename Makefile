@@ -1,5 +1,6 @@
 # make demo : create .venv if missing, install the CPU or GPU stack, run `python nano_grpo.py`
 # make test : the same set-up, then the whole test suite
+# make gpu-check : on one GPU, the memory plan against measured peaks (benchmarks/gpu_check.py)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN    := $(VENV)/bin
 CPU_CLEANUP := torchvision torchaudio torchcodec triton
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: demo test test-all ppo bench studies clean-venv
+.PHONY: demo test test-all ppo bench studies gpu-check clean-venv
 demo: $(VENV)/.stack
 	$(BIN)/python nano_grpo.py
 
@@ -23,6 +24,11 @@ test-all: $(VENV)/.test-stack  # + the slow ones: the variant models' rebuilds, 
 
 studies: $(VENV)/.test-stack  # the chapter's comparisons behind notebooks/03 and case_studies (~40 min)
 	$(BIN)/python benchmarks/run_studies.py
+
+# one GPU with torch + transformers (no vLLM, no internet needed): the tiny model trains on CUDA,
+# one update per GPU preset's model, measured peak memory next to the plan (< 8 min, H100/H200)
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu_check.py
 
 bench: $(VENV)/.test-stack
 	$(BIN)/python benchmarks/bench_step.py --trl

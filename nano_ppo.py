@@ -139,6 +139,8 @@ class Config:
     save_optimizer: bool = True  # checkpoints hold AdamW's state (false: 1/3 the size)
     resume: bool = False  # continue from the last checkpoint in output_dir
     wandb: bool = False  # also log to Weights & Biases (if installed)
+    dry_run: bool = False  # print the GPU memory plan and stop: exit 0 if it fits, 1 if not
+    gpu_memory_gib: float = 0.0  # GPU memory the plan must fit (0: the GPU found, or the preset's)
 
 
 # fmt: off
@@ -508,9 +510,12 @@ def train_on_batch(model, ref_model, critic, optimizers, batch: dict, cfg: Confi
                 vf_loss, v_clipped = clipped_value_loss(vpred, old_v, target, cfg.cliprange_value)
                 # [PPO-TOTAL] loss = pg_loss + vf_coef * vf_loss. With its own AdamW the critic's
                 # step hardly depends on vf_coef (Adam divides a constant factor out); it matters
-                # in a shared trunk.
-                token_loss = pg_loss + cfg.vf_coef * vf_loss
-                (token_loss * weights[i : i + cfg.micro_batch_size]).sum().backward()
+                # in a shared trunk. Its backward in two calls, the same gradient: in one, every
+                # shared weight's gradient from the critic would wait for the policy's part (a
+                # second fp32 copy of the trunk's gradients: 11.5 GiB for a 3B model).
+                w = weights[i : i + cfg.micro_batch_size]
+                (cfg.vf_coef * vf_loss * w).sum().backward()
+                (pg_loss * w).sum().backward()
                 m = mask[mb]
                 approx_kl = 0.5 * (logp.detach() - old) ** 2  # [APPROX-KL] 0.5 * mean(d^2)
                 add_sums(
@@ -554,6 +559,7 @@ def train_on_batch(model, ref_model, critic, optimizers, batch: dict, cfg: Confi
 def main(cfg: Config):
     """The steps of the docstring, one call each; Part 2 holds what they call."""
     start_processes()  # torchrun: this process joins the group (plain `python`: nothing to do)
+    check_memory(cfg)  # GPU: the memory plan, printed; it must fit (--dry_run: stop here)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     train_examples, eval_examples = load_examples(cfg)
@@ -660,8 +666,11 @@ def answer(prompt_ids: list, response_ids: list, truncated: bool, logprobs: list
     }
 
 
+HF_BATCH = 256  # rows per model.generate call in generate_hf
+
+
 @torch.no_grad()
-def generate_hf(model, prompts, n, temperature, max_tokens, stop, seed, batch_size=256):
+def generate_hf(model, prompts, n, temperature, max_tokens, stop, seed, batch_size=HF_BATCH):
     """model.generate with left padding; what follows an answer's end is not part of it. Memory
     does not grow with the vocabulary: only the sampled tokens' log-probs are kept."""
     from transformers import GenerationConfig
@@ -669,6 +678,10 @@ def generate_hf(model, prompts, n, temperature, max_tokens, stop, seed, batch_si
     torch.manual_seed(seed)
     device, samples = next(model.parameters()).device, []
     rows = [p for p in prompts for _ in range(n)]
+    # eval(): in train mode with --gradient_checkpointing transformers drops the KV cache, and
+    # each new token would attend to itself alone (garbage answers)
+    was_training = model.training
+    model.eval()
     # a fresh GenerationConfig: the model's own (e.g. Qwen-Instruct's repetition_penalty, top_k)
     # would change the sampler's distribution behind the trainer's back
     if temperature > 0:  # top_k=0: sample from the whole softmax, as vLLM does
@@ -696,6 +709,7 @@ def generate_hf(model, prompts, n, temperature, max_tokens, stop, seed, batch_si
             end = answer_end(ids, stop)  # None: cut at max_tokens
             length = end or len(ids)
             samples.append(answer(p, ids[:length], end is None, logprobs[i][:length]))
+    model.train(was_training)
     return samples
 
 
@@ -1399,6 +1413,289 @@ def autocast(cfg: Config, device: torch.device):
     """bf16 autocast for the trainer's forward passes (--bf16); else a no-op."""
     # cache_enabled=False: no bf16 copy of every trainable weight kept until the block ends
     return torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16, cache_enabled=False)
+
+
+# ---- GPU memory plan -------------------------------------------------------------------------
+# What one GPU holds, from the model's config.json alone, for the code as it is. Two phases take
+# turns. ROLLOUT: the engine, awake, beside the trainer's weights, AdamW moments and reference
+# model; no gradients (they are freed after each update). TRAINING: the gradients, and one
+# micro-batch's forward and backward, whose peak is the largest of a few moments (a logits
+# chunk's backward, a layer's, the LM head's and the embedding's gradients), or a no-grad
+# log-prob pass; with --vllm_sleep the engine keeps only a residue. The peak is the larger phase
+# + the CUDA context + the allocator's slack. Checked against measured peaks on CPU at small
+# scale (benchmarks/memory_check.py) and on a GPU (benchmarks/gpu_check.py).
+GIB = 2**30
+PRESET_CARD_GIB = {"gpu": 24, "gpu-countdown": 80}  # the card each GPU preset is sized for
+PLAN_PROMPT_TOKENS = 256  # prompt tokens the plan assumes: GSM8K's longest prompts, ~250
+CUDA_CONTEXT_GIB = 0.75  # CUDA context and cuBLAS workspaces: outside torch's allocator
+ENGINE_ASLEEP_GIB = 1.0  # what vLLM 0.33 keeps asleep: CUDA graphs, NCCL, its own buffers
+ENGINE_FLOOR_GIB = 2.0  # vLLM's share beyond its bf16 weights: profiling peak, graphs, KV cache
+ALLOCATOR_SLACK = 0.05  # fragmentation in torch's caching allocator, a share of the trainer's
+
+
+def check_memory(cfg: Config):
+    """At start-up: on a GPU (or with --dry_run anywhere) print the memory plan, and stop when it
+    does not fit the card, with one line that names a fix. --dry_run stops either way: exit 0 if
+    it fits, 1 if not. A CPU run prints nothing: the plan is about GPU memory."""
+    if not (cfg.dry_run or torch.cuda.is_available()):
+        return
+    card, m = plan_card_gib(cfg), model_config(cfg.model)
+    if m is None and cfg.dry_run:
+        sys.exit(f"error: no config.json for {cfg.model!r}: pass a local folder, or go online")
+    if m is None:
+        return print0(f"memory plan: skipped, no config.json for {cfg.model!r}")
+    plan = memory_plan(cfg, m, card)
+    print0("\n".join(plan_lines(plan, cfg)))
+    if card and not plan["fits"]:
+        sys.exit(f"error: the plan does not fit {card:.3g} GiB; {memory_fix(cfg, m, card)}")
+    if cfg.dry_run:
+        sys.exit(0)
+
+
+def plan_card_gib(cfg: Config) -> float:
+    """GPU memory the plan must fit, GiB: --gpu_memory_gib, else the GPU found, else the card
+    the preset is sized for (0: none to compare with)."""
+    if cfg.gpu_memory_gib:
+        return cfg.gpu_memory_gib
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return PRESET_CARD_GIB.get(cfg.preset, 0.0)
+
+
+def model_config(name: str) -> dict | None:
+    """The model's config.json (no weights needed): a local folder's own; for a hub id,
+    transformers' AutoConfig (online, or from the HF cache), else the copy shipped for the
+    presets' models in assets/model_configs/<org>/<name>/. None if there is none."""
+    if os.path.isdir(name):
+        path = os.path.join(name, "config.json")
+        return json.load(open(path)) if os.path.exists(path) else None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(name).to_dict()
+    except Exception:  # offline and not cached, or no network: the shipped copy, if any
+        path = os.path.join(HERE, "assets", "model_configs", name, "config.json")
+        return json.load(open(path)) if os.path.exists(path) else None
+
+
+def model_sizes(m: dict) -> dict:
+    """What the plan needs from a Llama/Qwen2-style config.json: widths h (hidden), i (MLP), q
+    (queries), kv (keys, values); vocabulary v; n layers; the parameters of a layer, of the
+    trunk (no LM head) and of the model (a tied LM head is the embedding: counted once).
+    Qwen2's q, k and v projections have biases."""
+    h, heads, i = m["hidden_size"], m["num_attention_heads"], m["intermediate_size"]
+    d = m.get("head_dim") or h // heads
+    q, kv = heads * d, m.get("num_key_value_heads", heads) * d
+    v, n, tied = m["vocab_size"], m["num_hidden_layers"], m.get("tie_word_embeddings", True)
+    bias = q + 2 * kv if m.get("attention_bias", m.get("model_type") == "qwen2") else 0
+    layer = h * (q + 2 * kv) + bias + q * h + 3 * h * i + 2 * h  # attention, MLP, 2 norms
+    trunk = v * h + n * layer + h  # embeddings, layers, final norm
+    params = trunk + (0 if tied else v * h)
+    return dict(h=h, i=i, q=q, kv=kv, v=v, n=n, tied=tied, layer=layer, trunk=trunk, params=params)
+
+
+def layer_bytes(s: dict, bf16: bool) -> int:
+    """Bytes per token that one decoder layer keeps for its backward, besides its input (Qwen2
+    in transformers 5 under autocast; autograd saves only what a gradient needs): six [h]-wide
+    fp32 tensors' worth (its RMSNorms' tensors, each linear's own bf16 copy of its input), four
+    [q]-wide (q and K, V repeated to every head for sdpa, the attention output) and four
+    [i]-wide (the SwiGLU's) in bf16; fp32 without --bf16. Measured: benchmarks/memory_check.py."""
+    a = 2 if bf16 else 4
+    return 6 * 4 * s["h"] + 4 * a * (s["q"] + s["i"])
+
+
+def kept_bytes(s: dict, tokens: int, cfg: Config) -> float:
+    """What a forward through the trunk keeps for its backward: with --gradient_checkpointing
+    each layer's fp32 input (a layer is recomputed when its backward comes); without, every
+    layer's activations and, under autocast, bf16 copies of its weights. Plus the final norm's."""
+    if cfg.gradient_checkpointing:
+        return tokens * (s["n"] + 3) * 4 * s["h"]
+    copies = 2 * s["n"] * s["layer"] if cfg.bf16 else 0
+    return tokens * (s["n"] * (4 * s["h"] + layer_bytes(s, cfg.bf16)) + 3 * 4 * s["h"]) + copies
+
+
+def chunk_logits(s: dict, rows: int, length: int) -> int:
+    """Logits one chunk of token_logprobs makes at once: rows x positions x vocabulary."""
+    width = min(max(1, LOGITS_PER_CHUNK // (rows * s["v"])), length - 1)
+    return rows * width * s["v"]
+
+
+def memory_plan(cfg: Config, m: dict, card_gib: float, prompt_tokens=PLAN_PROMPT_TOKENS) -> dict:
+    """The plan: "parts", [(what, bytes, when)], when: "held" (both phases), "rollout",
+    "training", "step" (with the gradients), "moment" (in a backward, one at a time: the largest
+    counts) or "pass" (a no-grad pass, before the gradients exist: the largest counts, instead of
+    step + moment). The engine's parts are named "vLLM ...". Bytes; totals: plan_totals."""
+    s, world = model_sizes(m), int(os.environ.get("WORLD_SIZE", 1)) if cfg.fsdp else 1
+    n, rows, length = s["params"] / world, cfg.micro_batch_size, prompt_tokens + cfg.max_new_tokens
+    parts = [("weights, fp32", 4 * n, "held"), ("AdamW moments, 2 x fp32", 8 * n, "held")]
+    size, precision = (2, "bf16") if cfg.bf16 else (4, "fp32")
+    parts += [(f"reference model, {precision}", size * n, "held")] if cfg.beta > 0 else []
+    parts += rollout_parts(cfg, s, card_gib, prompt_tokens)
+    critic, critic_kept, policy_pass = algorithm_memory(cfg, s, rows * length, world)
+    parts += [("gradients, fp32", 4 * n, "step")] + critic
+    parts += backward_moments(s, rows, length, cfg, critic_kept)
+    parts += pass_moments(s, rows, length, cfg, policy_pass)
+    if world > 1:  # FSDP: the root (embedding, head, norm) stays whole through forward + backward
+        root = s["params"] - s["n"] * s["layer"]
+        parts += [("FSDP: root and 2 layers gathered", 4 * (root + 2 * s["layer"]), "training")]
+    return plan_totals(parts, card_gib, s)
+
+
+def rollout_parts(cfg: Config, s: dict, card_gib: float, prompt_tokens: int) -> list:
+    """The rollout side. vLLM: its share, gpu_memory_utilization x the card (held throughout
+    without --vllm_sleep; asleep, a residue), and the sync check's forward over the probe. HF
+    (model.generate, fp32, no autocast): the KV cache of generate_hf's rows, then the larger of
+    the prompts' forward (three [i]-wide tensors of the SwiGLU at once, K and V repeated) and a
+    new token's [rows, V] scores (7 fp32 copies: logits, the processors', log-softmax, softmax)."""
+    if cfg.rollout == "hf":
+        rows = min(HF_BATCH, max(cfg.prompts_per_step * cfg.group_size, cfg.eval_size))
+        kv_cache = rows * (prompt_tokens + cfg.max_new_tokens) * s["n"] * 2 * s["kv"] * 4
+        prompts = rows * prompt_tokens * 4 * (3 * s["i"] + 4 * s["h"] + 2 * s["q"])
+        cache = ("HF generate: KV cache, fp32", kv_cache, "rollout")
+        step = max(prompts, rows * s["v"] * 7 * 4)
+        return [cache, ("HF generate: the prompts' forward, or scores", step, "rollout")]
+    probe = pass_moments(s, 1, PROBE_TOKENS, dataclasses.replace(cfg, beta=0), True)[0][1]
+    parts = [("sync check: the probe's forward", probe if cfg.sync_check else 0, "rollout")]
+    engine = cfg.gpu_memory_utilization * card_gib * GIB
+    if not cfg.vllm_sleep:
+        return parts + [("vLLM: its memory share, awake throughout", engine, "held")]
+    parts += [("vLLM awake: its memory share", engine, "rollout")]
+    return parts + [("vLLM asleep: CUDA graphs, buffers", ENGINE_ASLEEP_GIB * GIB, "training")]
+
+
+def backward_moments(s: dict, rows: int, length: int, cfg: Config, critic_kept: float) -> list:
+    """A micro-batch's backward, moment by moment, on top of the gradients; what the forwards
+    keep (kept_bytes: the policy's, and the critic's while its backward runs first) is alive in
+    all but the last. Measured (benchmarks/memory_check.py): a logits chunk's backward peaks at
+    20 B per logit (the recomputed fp32 logits, two fp32 gradients, logsumexp's temporaries) + the
+    head's bf16 copy; the head's weight gradient comes in bf16, then fp32. A tied head's gradient
+    waits in autograd's buffer from the first chunk to the embedding's backward, where the two
+    are summed: three V x H fp32 tensors at once."""
+    tokens, chunk, v_h = rows * length, chunk_logits(s, rows, length), s["v"] * s["h"]
+    kept, a = kept_bytes(s, tokens, cfg), 2 if cfg.bf16 else 4
+    held = 4 * v_h if s["tied"] else 0  # the tied head's gradient, waiting for the embedding's
+    later = held if chunk < rows * (length - 1) * s["v"] else 0  # from the second chunk on
+    copy = 2 * v_h if cfg.bf16 else 0  # autocast's bf16 copy of the head (no weight cache)
+    head = 8 * v_h if cfg.bf16 else 4 * v_h  # its weight gradient: the copy, bf16, then fp32
+    layer = tokens * 4 * (s["h"] + (a - 1) * s["i"]) + 6 * s["h"] * s["i"]  # its gradients
+    if cfg.gradient_checkpointing:  # the layer recomputed, with bf16 copies of its weights
+        layer += tokens * layer_bytes(s, cfg.bf16) + (2 * s["layer"] if cfg.bf16 else 0)
+    return [
+        ("activations + a logits chunk's backward", kept + 20 * chunk + copy + later, "moment"),
+        ("activations + the LM head's gradient", kept + head + later, "moment"),
+        ("activations + a layer's backward", kept + critic_kept + layer + held, "moment"),
+        ("the embedding's gradient", 3 * held or 4 * v_h, "moment"),
+    ]
+
+
+def pass_moments(s: dict, rows: int, length: int, cfg: Config, policy_pass: bool) -> list:
+    """The no-grad log-prob passes before an update, one at a time: the reference's, and the
+    policy's own (pi_old). Each keeps every layer's hidden state (output_hidden_states: fp32 for
+    the policy, whose residual stream is fp32 under autocast; bf16 for a bf16 reference), runs a
+    layer at a time, and a logits chunk: 8 B per logit (fp32 logits, logsumexp's temporary), or
+    first, under autocast, the head's bf16 copy and bf16 logits."""
+    tokens, chunk, a = rows * length, chunk_logits(s, rows, length), 2 if cfg.bf16 else 4
+    layer = tokens * (3 * a * s["i"] + 4 * 4 * s["h"])
+
+    def one(hidden: int, copy: int) -> float:
+        states = tokens * (s["n"] + 1) * hidden * s["h"]
+        return states + layer + max(8 * chunk, 2 * chunk + copy)
+
+    copy = 2 * s["v"] * s["h"] if cfg.bf16 else 0  # autocast's of the policy's fp32 head
+    parts = [("no-grad pass: the reference model", one(a, 0), "pass")] if cfg.beta > 0 else []
+    if policy_pass:
+        parts.append(("no-grad pass: the policy (pi_old)", one(4, copy), "pass"))
+    return parts
+
+
+def algorithm_memory(cfg: Config, s: dict, tokens: int, world: int) -> tuple[list, float, bool]:
+    """PPO's own lines of the memory plan: the critic. On its own trunk (the default) it holds
+    fp32 weights and AdamW moments like the policy's, and gradients while training; on the
+    policy's trunk (--critic_share_backbone, the GPU presets) nothing of its own (its head is
+    h + 1 numbers). Its forward's kept activations (added in backward_moments); and the policy's
+    no-grad pass of its own (pi_old): always."""
+    if cfg.critic_share_backbone:
+        return [], kept_bytes(s, tokens, cfg), True
+    trunk = s["trunk"] / world
+    parts = [("critic: its own trunk, fp32", 4 * trunk, "held")]
+    parts += [
+        ("critic: AdamW moments", 8 * trunk, "held"),
+        ("critic: gradients", 4 * trunk, "step"),
+    ]
+    return parts, kept_bytes(s, tokens, cfg), True
+
+
+def plan_totals(parts: list, card_gib: float, s: dict) -> dict:
+    """Both phases' totals, the trainer's alone (what torch.cuda.max_memory_allocated sees
+    without vLLM), the peak (+ the CUDA context and the allocator's slack on the trainer's), and
+    whether it fits: the peak within the card, and vLLM's share above its floor (its bf16
+    weights + ENGINE_FLOOR_GIB), or it does not start."""
+
+    def total(*whens, trainer=False, most=False):
+        """The sum (or the largest) of the parts held then; the trainer's alone: no vLLM."""
+        held = [(what, b) for what, b, w in parts if w in whens]
+        sizes = [b for what, b in held if not (trainer and what.startswith("vLLM"))]
+        return max(sizes, default=0) if most else sum(sizes)
+
+    update = max(total("step") + total("moment", most=True), total("pass", most=True))
+    rollout, training = total("held", "rollout"), total("held", "training") + update
+    trainer = dict(rollout=total("held", "rollout", trainer=True))
+    trainer["training"] = total("held", "training", trainer=True) + update
+    slack, context = ALLOCATOR_SLACK, CUDA_CONTEXT_GIB * GIB
+    peak = max(rollout + slack * trainer["rollout"], training + slack * trainer["training"])
+    peak += context
+    engine = max([b for what, b, w in parts if what.startswith("vLLM")], default=0)
+    engine_ok = not engine or engine >= 2 * s["params"] + ENGINE_FLOOR_GIB * GIB
+    fits = engine_ok and (not card_gib or peak <= card_gib * GIB)
+    totals = dict(rollout=rollout, training=training, trainer=trainer, update=update, peak=peak)
+    return dict(parts=parts, sizes=s, card=card_gib, engine_ok=engine_ok, fits=fits, **totals)
+
+
+HELD_WHEN = {
+    "held": "both phases",
+    "rollout": "rollout",
+    "training": "training",
+    "step": "training, with the gradients",
+    "moment": "training, in a backward: the largest counts",
+    "pass": "training, instead: the largest no-grad pass",
+}
+
+
+def plan_lines(plan: dict, cfg: Config) -> list[str]:
+    """The plan as printed: one line per part (GiB, and when it is held), the phases' totals,
+    and last `memory plan: peak P GiB of C GiB`."""
+    s, card, answer = plan["sizes"], plan["card"], cfg.max_new_tokens
+    lines = [
+        f"GPU memory plan, GiB: {cfg.model} ({s['params']:,} parameters), micro-batch "
+        f"{cfg.micro_batch_size} x ({PLAN_PROMPT_TOKENS} prompt + {answer} answer) tokens"
+    ]
+    lines += [f"  {what:<46}{b / GIB:7.2f}  {HELD_WHEN[w]}" for what, b, w in plan["parts"] if b]
+    lines.append(
+        f"  phases: rollout {plan['rollout'] / GIB:.1f}, training {plan['training'] / GIB:.1f}; "
+        f"+ CUDA context {CUDA_CONTEXT_GIB}, allocator slack {ALLOCATOR_SLACK:.0%} of the trainer's"
+    )
+    if not plan["engine_ok"]:
+        lines.append(f"  vLLM's share < its bf16 weights + {ENGINE_FLOOR_GIB} GiB: it won't start")
+    of = f"of {card:.3g} GiB" if card else "(no GPU to compare with: --gpu_memory_gib C)"
+    return lines + [f"memory plan: peak {plan['peak'] / GIB:.1f} GiB {of}"]
+
+
+def memory_fix(cfg: Config, m: dict, card_gib: float) -> str:
+    """The first single change, in this order, under which the plan fits: gradient checkpointing,
+    the engine asleep while training, bf16, a shared critic trunk (PPO), smaller micro-batches, a
+    smaller (or larger) vLLM share. Else: more memory."""
+    tries = [("gradient_checkpointing", True), ("vllm_sleep", 1), ("bf16", True)]
+    tries += [("critic_share_backbone", True)]
+    tries += [("micro_batch_size", b) for b in (16, 8, 4, 2, 1) if b < cfg.micro_batch_size]
+    tries += [("gpu_memory_utilization", u) for u in (0.25, 0.2, 0.15, 0.1, 0.4, 0.5)]
+    for key, value in tries:
+        if getattr(cfg, key, value) == value or (key == "vllm_sleep" and cfg.rollout != "vllm"):
+            continue  # already so, or not a flag of this script
+        plan = memory_plan(dataclasses.replace(cfg, **{key: value}), m, card_gib)
+        if plan["fits"]:
+            flag = f"--{key}" if value is True else f"--{key} {value}"
+            return f"try {flag} (peak {plan['peak'] / GIB:.1f} GiB)"
+    return "no single flag makes it fit: a larger GPU, or --fsdp over several (torchrun)"
 
 
 # ---- Flags -----------------------------------------------------------------------------------
