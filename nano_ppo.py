@@ -195,6 +195,7 @@ def score_samples(samples: list[dict], examples: list[dict], cfg: Config, tokeni
         s["reward"], s["components"] = rewards.task_reward(
             cfg.task, s["text"], example, cfg.format_weight
         )
+        s["mode"], s["bucket"] = rewards.reasoning_mode(s["text"]), example.get("bucket")  # log
     for g in range(0, len(samples), cfg.group_size):  # optional length shaping, per group
         group = samples[g : g + cfg.group_size]
         if cfg.length_reward:  # [R-LEN] Kimi k1.5: when right, shorter is better; when wrong, <= 0
@@ -933,13 +934,18 @@ def installed_vllm() -> str:
 def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config) -> dict:
     """Held-out greedy accuracy (and pass@k, and accuracy under a thinking budget)."""
 
-    def accuracy(samples, n):
+    buckets = sorted({ex.get("bucket") for ex in examples} - {None})  # the task's difficulties
+
+    def accuracy(samples, n, name):  # {name: accuracy, name_<bucket>: the same per bucket}
         texts = [response_text(tokenizer, s["response_ids"]) for s in samples]
-        scores = [
-            rewards.task_reward(cfg.task, t, examples[i // n])[1] for i, t in enumerate(texts)
-        ]
-        correct = [score["correct"] > 0 for score in scores]
-        return sum(any(correct[i : i + n]) for i in range(0, len(correct), n)) / len(examples)
+        judged = [(t, examples[i // n]) for i, t in enumerate(texts)]
+        correct = [rewards.task_reward(cfg.task, t, ex)[1]["correct"] > 0 for t, ex in judged]
+        hits = [any(correct[i : i + n]) for i in range(0, len(correct), n)]
+        out = {name: sum(hits) / len(examples)}
+        for bucket in buckets:
+            mine = [h for h, ex in zip(hits, examples) if ex.get("bucket") == bucket]
+            out[f"{name}_{bucket}"] = sum(mine) / len(mine)
+        return out
 
     stop = answer_stop(tokenizer, cfg)
 
@@ -948,10 +954,18 @@ def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config) -> dict:
 
     was_training = model.training
     model.eval()
-    out = {"eval_acc": accuracy(answers(prompts, 1, 0.0, cfg.max_new_tokens), 1)}
+    greedy = answers(prompts, 1, 0.0, cfg.max_new_tokens)
+    out = accuracy(greedy, 1, "eval_acc")
+    if buckets:  # how the greedy answers were reached, per bucket
+        for s, ex in zip(greedy, examples):
+            s["mode"] = rewards.reasoning_mode(response_text(tokenizer, s["response_ids"]))
+            s["bucket"] = ex.get("bucket")
+        stats = answer_stats(greedy, lambda s: True)
+        wanted = ("trace_share", "response_len_", "wait_share")
+        out.update({f"eval_{k}": v for k, v in stats.items() if k.startswith(wanted)})
     if cfg.pass_k > 1:
         sampled = answers(prompts, cfg.pass_k, cfg.temperature, cfg.max_new_tokens)
-        out[f"eval_pass@{cfg.pass_k}"] = accuracy(sampled, cfg.pass_k)
+        out.update(accuracy(sampled, cfg.pass_k, f"eval_pass@{cfg.pass_k}"))
     if cfg.think_budget >= 0:  # Qwen 3: stop thinking after N tokens, close </think>, then answer
         if cfg.think_budget:
             first = answers(prompts, 1, 0.0, cfg.think_budget)
@@ -972,15 +986,15 @@ def evaluate(engine, model, tokenizer, examples, prompts, cfg: Config) -> dict:
         rest = answers([prompts[i] + budgeted[i] for i in todo], 1, 0.0, cfg.max_new_tokens)
         for i, r in zip(todo, rest):
             budgeted[i] = budgeted[i] + r["response_ids"]
-        out["eval_acc_budget"] = accuracy([dict(response_ids=a) for a in budgeted], 1)
+        out.update(accuracy([dict(response_ids=a) for a in budgeted], 1, "eval_acc_budget"))
     model.train(was_training)
     return out
 
 
 def rollout_metrics(samples: list[dict], group_size: int) -> dict:
     """Per-step numbers about the answers themselves (each computed once, here)."""
-    fields = ("reward", "components", "response_ids", "truncated")
-    samples = all_processes_items([{k: s[k] for k in fields} for s in samples])  # torchrun: all
+    fields = ("reward", "components", "response_ids", "truncated", "mode", "bucket")
+    samples = all_processes_items([{k: s.get(k) for k in fields} for s in samples])  # torchrun
     n, lengths = len(samples), [len(s["response_ids"]) for s in samples]
     groups = [samples[g : g + group_size] for g in range(0, n, group_size)]
     parts = sorted({k for s in samples for k in s["components"]})
@@ -992,6 +1006,36 @@ def rollout_metrics(samples: list[dict], group_size: int) -> dict:
     m["truncated"] = sum(s["truncated"] for s in samples) / n
     m["zero_signal"] = sum(len({s["reward"] for s in g}) == 1 for g in groups) / len(groups)
     m["answers"] = n
+    return {**m, **answer_stats(samples, lambda s: s["components"]["correct"] > 0)}
+
+
+def answer_stats(samples: list[dict], correct) -> dict:
+    """How the answers were reached, R1-Zero's curves: the share that think (a think block with
+    something in it: rewards.reasoning_mode) and that say "wait" (a retry); the lengths of right
+    and wrong answers (Dr. GRPO's length bias); and per difficulty bucket, where the task has
+    them (parity: easy, mid, hard), length, accuracy and thinking."""
+
+    def mean(key, rows, value):
+        return {key: sum(map(value, rows)) / len(rows)} if rows else {}
+
+    def thinks(s):
+        return s.get("mode") in ("trace", "retry")
+
+    def retries(s):
+        return s.get("mode") == "retry"
+
+    def length(s):
+        return len(s["response_ids"])
+
+    m = {**mean("trace_share", samples, thinks), **mean("wait_share", samples, retries)}
+    m.update(mean("response_len_right", [s for s in samples if correct(s)], length))
+    m.update(mean("response_len_wrong", [s for s in samples if not correct(s)], length))
+    for bucket in sorted({s.get("bucket") for s in samples} - {None}):
+        rows = [s for s in samples if s.get("bucket") == bucket]
+        m.update(mean(f"response_len_{bucket}", rows, length))
+        m.update(mean(f"accuracy_{bucket}", rows, correct))
+        m.update(mean(f"trace_share_{bucket}", rows, thinks))
+        m.update(mean(f"wait_share_{bucket}", rows, retries))
     return m
 
 
