@@ -820,18 +820,30 @@ def start_sync_check(run, model):
 
 
 def check_engine_weights(llm, model, probe: list[list[int]], tolerance, cfg: Config) -> float:
-    """Does the engine hold the trainer's weights? Compare both models' log-probs of the probe
-    prompts' own tokens, the mean of |difference| (a maximum would be ruled by the rarest token's
+    """Does the engine hold the trainer's weights? The mean |difference| of both models' log-probs
+    of the probe prompts' own tokens (probe_gaps; a maximum would be ruled by the rarest token's
     rounding): uncertain tokens (the digits of a question) move with any weight change, where a
-    confident greedy token would not. The trainer runs in the engine's precision (bf16 autocast
-    with --bf16). A stale engine (a sync skipped, or weights lost in sleep) stops the run with one
-    line; tolerance None: just measure."""
+    confident greedy token would not. A stale engine (a sync skipped, or weights lost in sleep)
+    stops the run with one line; tolerance None: just measure."""
+    gap = probe_gaps(llm, model, probe, cfg).mean().item()
+    if tolerance is not None and gap > tolerance:
+        sys.exit(
+            f"error: the vLLM engine does not hold the trainer's weights (log-prob gap {gap:.2g} "
+            f"> {tolerance:.2g}); installed {installed_vllm()}, weight sync tested with "
+            f"{VLLM_TESTED}; pin that version or use --rollout hf"
+        )
+    return gap
+
+
+def probe_gaps(llm, model, probe: list[list[int]], cfg: Config) -> torch.Tensor:
+    """|engine log-prob - trainer log-prob| of every probe token after each prompt's first; the
+    trainer runs in the engine's precision (bf16 autocast with --bf16)."""
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in probe], params, use_tqdm=False)
     pairs = [(d, t) for p, out in zip(probe, outs) for d, t in zip(out.prompt_logprobs[1:], p[1:])]
-    engine_logp = torch.tensor([d[t].logprob for d, t in pairs])  # every probe token after the 1st
+    engine_logp = torch.tensor([d[t].logprob for d, t in pairs])
     batch = make_batch([dict(prompt_ids=p[:1], response_ids=p[1:]) for p in probe], pad_id=0)
     device = next(model.parameters()).device
     with torch.no_grad(), autocast(cfg, device):
@@ -840,14 +852,7 @@ def check_engine_weights(llm, model, probe: list[list[int]], tolerance, cfg: Con
     trainer_logp = trainer_logp[batch["response_mask"].to(device) > 0].float().cpu()  # in order
     if hasattr(model, "reshard"):
         model.reshard()  # --fsdp: a forward without backward leaves the root's weights gathered
-    gap = (engine_logp - trainer_logp).abs().mean().item()
-    if tolerance is not None and gap > tolerance:
-        sys.exit(
-            f"error: the vLLM engine does not hold the trainer's weights (log-prob gap {gap:.2g} "
-            f"> {tolerance:.2g}); installed {installed_vllm()}, weight sync tested with "
-            f"{VLLM_TESTED}; pin that version or use --rollout hf"
-        )
-    return gap
+    return (engine_logp - trainer_logp).abs()
 
 
 def installed_vllm() -> str:
@@ -1437,19 +1442,21 @@ def plan_card_gib(cfg: Config) -> float:
 
 
 def model_config(name: str) -> dict | None:
-    """The model's config.json (no weights needed): a local folder's own; for a hub id,
-    transformers' AutoConfig (online, or from the HF cache), else the copy shipped for the
-    presets' models in assets/model_configs/<org>/<name>/. None if there is none."""
+    """The model's config.json (no weights needed): a local folder's own; for a hub id, the copy
+    shipped for the presets' models (assets/model_configs/<org>/<name>/: verbatim, and no network
+    needed), else transformers' AutoConfig (the HF cache, or online). None if there is none."""
+    shipped = os.path.join(HERE, "assets", "model_configs", name, "config.json")
+    for path in (os.path.join(name, "config.json"), shipped):
+        if os.path.exists(path):
+            return json.load(open(path))
     if os.path.isdir(name):
-        path = os.path.join(name, "config.json")
-        return json.load(open(path)) if os.path.exists(path) else None
+        return None
     try:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(name).to_dict()
-    except Exception:  # offline and not cached, or no network: the shipped copy, if any
-        path = os.path.join(HERE, "assets", "model_configs", name, "config.json")
-        return json.load(open(path)) if os.path.exists(path) else None
+    except Exception:  # offline and not cached, or no such model
+        return None
 
 
 def model_sizes(m: dict) -> dict:
