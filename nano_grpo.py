@@ -5,6 +5,7 @@ e.g. [GRPO-ADV]. Part 1 is the algorithm, top to bottom. Part 2 is the machinery
 engine and its weight sync, torchrun, checkpoints, logging, flags): read it when you scale up.
 
     python nano_grpo.py                   # CPU: the shipped tiny model learns to carry, ~1 minute
+    python nano_grpo.py --preset cpu-r1-zero  # CPU: R1-Zero in miniature, thinking grows, ~2 min
     python nano_grpo.py --preset gpu      # one GPU: Qwen2.5-0.5B-Instruct on GSM8K
     python nano_grpo.py --help            # every flag
 
