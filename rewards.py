@@ -12,8 +12,8 @@ Behind one banner at the end, the machinery: the time limits that keep a verifie
 the code sandbox, and the adapters for TRL and verl.
 """
 
-
 from __future__ import annotations
+
 import ast
 import json
 import logging
@@ -34,7 +34,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-
 # --------------------------------------------------------------------------------------------------
 # 1. Verifiers: the R(z) of [R-BIN], 1 if the answer is right, else 0, one per task.
 #
@@ -46,19 +45,15 @@ from typing import Callable, NamedTuple
 
 
 MAX_ANSWER_CHARS = 500  # a longer "answer" is wrong: no GSM8K/MATH answer is that long
-
-
-MATH_TIMEOUT_S = 0.8    # CPU seconds one symbolic comparison may spend (its thread's); more: wrong
-
-
-MATH_WALL_S = 2.0       # the wall-clock backstop: however busy the machine, wrong after this long
+MATH_TIMEOUT_S = 0.8  # CPU seconds one symbolic comparison may spend (its thread's); more: wrong
+MATH_WALL_S = 2.0  # the wall-clock backstop: however busy the machine, wrong after this long
 
 
 def _last_answer_tag(text: str) -> str | None:
-    """The content of the last <answer>...</answer>, or None (rfind: linear even on hostile text)."""
+    """The content of the last <answer>...</answer>, or None (rfind: linear on hostile text)."""
     end = text.rfind("</answer>")
     start = text.rfind("<answer>", 0, end) if end >= 0 else -1
-    return text[start + len("<answer>"):end].strip() if start >= 0 else None
+    return text[start + len("<answer>") : end].strip() if start >= 0 else None
 
 
 def _last_boxed(text: str) -> str | None:
@@ -67,14 +62,15 @@ def _last_boxed(text: str) -> str | None:
     >>> _last_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}"), _last_boxed(r"\boxed{2")
     ('\\frac{1}{2}', None)
     """
-    open_boxes, depth, last = [], 0, None  # open_boxes: (where its content starts, depth outside it)
+    # open_boxes: (where its content starts, depth outside it)
+    open_boxes, depth, last = [], 0, None
     for m in re.finditer(r"\\boxed\s*\{|[{}]", text):
         if m.group() == "}":
             depth -= 1
             while open_boxes and open_boxes[-1][1] > depth:  # boxes that can never close any more
                 open_boxes.pop()
             if open_boxes and open_boxes[-1][1] == depth:
-                last = text[open_boxes.pop()[0]:m.start()]
+                last = text[open_boxes.pop()[0] : m.start()]
         else:
             if m.group() != "{":
                 open_boxes.append((m.end(), depth))
@@ -99,7 +95,7 @@ def extract_answer(text: str) -> str | None:
         if found is not None:
             return found.strip()
     if "####" in text:
-        return text[text.rfind("####") + 4:].strip().split("\n")[0].strip() or None
+        return text[text.rfind("####") + 4 :].strip().split("\n")[0].strip() or None
     return None
 
 
@@ -107,16 +103,20 @@ def _clean(s: str) -> str:
     r"""Drop notation that does not change the value: $ signs, \text{...}, spacing, degree signs."""
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "%").replace("\u2212", "-")
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
-    s = re.sub(r"\\[,;:! ]|\^\{?\\circ\}?|°", "", s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\\[,;:! ]|\^\{?\\circ\}?|°", "", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     return " ".join(s.split()).rstrip(".")
 
 
-# A plain number: -12, 1234.50, .5, 3/4, \frac{3}{4}, 50%, optionally followed by a unit word or two.
-_NUMBER = re.compile(r"(-?)(?:\\frac\{(\d+)\}\{(\d+)\}|(\d+)/(\d+)|(\d+\.?\d*|\.\d+))\s*(%?)(?:\s*[a-zA-Z]{2,}){0,2}")
+# A plain number: -12, 1234.50, .5, 3/4, \frac{3}{4}, 50%, maybe followed by a unit word or two.
+_NUMBER = re.compile(
+    r"(-?)(?:\\frac\{(\d+)\}\{(\d+)\}|(\d+)/(\d+)|(\d+\.?\d*|\.\d+))"  # the sign, the value
+    r"\s*(%?)(?:\s*[a-zA-Z]{2,}){0,2}"  # a percent sign, up to two unit words
+)
 
 
 def _as_numbers(s: str) -> set[Fraction] | None:
-    """The exact values a plain-number answer can mean (a percentage p% means p or p/100), else None."""
+    """The exact values a plain-number answer can mean (p% means p or p/100), else None."""
     m = _NUMBER.fullmatch(re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s))  # 1,234,567 -> 1234567
     if m is None:
         return None
@@ -142,8 +142,10 @@ def math_equal(pred, gold) -> bool:
        MATH_TIMEOUT_S of CPU time (MATH_WALL_S of wall-clock at the most), in any thread.
     Answers over MAX_ANSWER_CHARS are wrong.
 
-    >>> math_equal("$1,234.00", "1234"), math_equal("0.5", "50\\%"), math_equal("1/2", r"\frac{1}{2}")
-    (True, True, True)
+    >>> math_equal("$1,234.00", "1234"), math_equal("0.5", "50\\%")
+    (True, True)
+    >>> math_equal("1/2", r"\frac{1}{2}")
+    True
     >>> math_equal(r"\sqrt{2}", "1.414"), math_equal("[1,2)", "[1,2]"), math_equal("2", "3")
     (False, False, False)
     >>> math_equal(r"\frac{\sqrt{8}}{2}", r"\sqrt{2}")
@@ -169,7 +171,8 @@ def math_equal(pred, gold) -> bool:
 def gsm8k_reward(completion: str, answer: str) -> float:
     """[R-BIN] for GSM8K. `answer` is the dataset's whole solution ('... #### 72') or just '72'.
 
-    >>> gsm8k_reward("<think>48/2=24, 48+24=72</think><answer>72 clips</answer>", "48/2 = 24\\n#### 72")
+    >>> solution = "48/2 = 24\\n#### 72"
+    >>> gsm8k_reward("<think>48/2=24, 48+24=72</think><answer>72 clips</answer>", solution)
     1.0
     """
     return 1.0 if math_equal(extract_answer(completion), str(answer).split("####")[-1]) else 0.0
@@ -184,7 +187,12 @@ def math_reward(completion: str, answer: str) -> float:
     return 1.0 if math_equal(extract_answer(completion), answer) else 0.0
 
 
-_COUNTDOWN_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_COUNTDOWN_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+}
 
 
 def _evaluate(node: ast.expr) -> Fraction:
@@ -210,7 +218,8 @@ def countdown_reward(completion: str, numbers: list[int], target: int) -> float:
     try:
         equation = _last_answer_tag(completion) if isinstance(completion, str) else None
         # ASCII digits, operators, brackets and blanks only; short (4 numbers need ~20 characters)
-        if equation is None or len(equation) > 200 or not re.fullmatch(r"[0-9+\-*/() \t\n=]+", equation):
+        chars = r"[0-9+\-*/() \t\n=]+"
+        if equation is None or len(equation) > 200 or not re.fullmatch(chars, equation):
             return 0.0
         expression, _, claimed = equation.partition("=")
         if claimed and int(claimed) != int(target):
@@ -229,22 +238,25 @@ def countdown_reward(completion: str, numbers: list[int], target: int) -> float:
 
 def _last_python_block(text: str) -> str | None:
     """The code of the last ```python (or ```py) block, or None."""
-    blocks = re.findall(r"```(?:python|py)[ \t]*\n(.*?)```", text, re.DOTALL) if isinstance(text, str) else []
+    fence = r"```(?:python|py)[ \t]*\n(.*?)```"
+    blocks = re.findall(fence, text, re.DOTALL) if isinstance(text, str) else []
     return blocks[-1] if blocks else None
 
 
-def code_reward(completion: str, tests: list[str], timeout: float = 5.0, memory_mb: int = 512) -> float:
-    """The fraction of `tests` (assert statements, e.g. MBPP's test_list) that pass when run after the
-    last ```python block of the completion. A fraction, not all-or-nothing, so a partly right program
-    still gets a signal; `code_reward(...) == 1.0` is MBPP's usual pass/fail.
+def code_reward(
+    completion: str, tests: list[str], timeout: float = 5.0, memory_mb: int = 512
+) -> float:
+    """The fraction of `tests` (assert statements, e.g. MBPP's test_list) that pass when run after
+    the last ```python block of the completion. A fraction, not all-or-nothing, so a partly right
+    program still gets a signal; `code_reward(...) == 1.0` is MBPP's usual pass/fail.
 
     The program runs in a fresh `python -I` process (_sandbox_child) in its own session, in a new
-    temporary directory, with an empty environment, for at most `timeout` seconds of wall-clock time.
+    temporary directory, with an empty environment, for at most `timeout` wall-clock seconds.
     Guaranteed: the call returns within about timeout + 1 s; then the whole process group is killed
     (SIGKILL) and the directory removed. Limits: CPU int(timeout) + 1 s, address space memory_mb,
-    files 16 MiB, no core dumps, and RLIMIT_NPROC = 1: no new process or thread at all. NPROC does not
-    bind for root, so a child started as root first becomes uid/gid 65534 ('nobody'); then it can
-    write only to world-writable places (/tmp, /dev/shm), cannot read other processes'
+    files 16 MiB, no core dumps, and RLIMIT_NPROC = 1: no new process or thread at all. NPROC does
+    not bind for root, so a child started as root first becomes uid/gid 65534 ('nobody'); then it
+    can write only to world-writable places (/tmp, /dev/shm), cannot read other processes'
     /proc/*/environ, and may be unable to import modules beyond _SANDBOX_MODULES and those already
     loaded (when the interpreter's files are unreadable for 'nobody', e.g. under /root).
     Best effort, in Python: open(), os.open() and FileIO only inside the directory; fork, exec*,
@@ -253,10 +265,9 @@ def code_reward(completion: str, tests: list[str], timeout: float = 5.0, memory_
     Not guaranteed: a deliberately hostile program can undo that guard (e.g. via
     object.__subclasses__()) and is then held only by the limits above (as an ordinary user it may
     read and write whatever that user may, the trainer's /proc/<pid>/environ included). Network
-    access is not blocked. A program can fake passing tests
-    (an object whose __eq__ always says True). Root without CAP_SETUID stays root: then only the guard
-    and the group kill hold. This is a reward function, not a security boundary: for untrusted code
-    at scale use a container or a VM.
+    access is not blocked. A program can fake passing tests (an object whose __eq__ always says
+    True). Root without CAP_SETUID stays root: then only the guard and the group kill hold. This is
+    a reward function, not a security boundary: for untrusted code at scale use a container or a VM.
 
     >>> code_reward("```python\\ndef add(a, b):\\n    return a + b\\n```",
     ...             ["assert add(1, 2) == 3", "assert add(2, 2) == 5"])
@@ -265,12 +276,14 @@ def code_reward(completion: str, tests: list[str], timeout: float = 5.0, memory_
     code = _last_python_block(completion)
     if code is None or not tests:
         return 0.0
-    job = json.dumps({"code": code, "tests": list(tests), "cpu_s": int(timeout) + 1, "memory": memory_mb << 20})
-    with tempfile.TemporaryDirectory(prefix="nano_rlvr_sandbox_", ignore_cleanup_errors=True) as workdir, \
-            tempfile.TemporaryFile() as results:
-        child = subprocess.Popen(_python_running("_sandbox_child", "-I"), cwd=workdir, env={},
-                                 stdin=subprocess.PIPE, stdout=results, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)  # its own session and process group
+    limits = {"cpu_s": int(timeout) + 1, "memory": memory_mb << 20}
+    job = json.dumps({"code": code, "tests": list(tests), **limits})
+    scratch = tempfile.TemporaryDirectory(prefix="nano_rlvr_sandbox_", ignore_cleanup_errors=True)
+    with scratch as workdir, tempfile.TemporaryFile() as results:
+        command = _python_running("_sandbox_child", "-I")
+        streams = dict(stdin=subprocess.PIPE, stdout=results, stderr=subprocess.DEVNULL)
+        # start_new_session: its own session and process group
+        child = subprocess.Popen(command, cwd=workdir, env={}, start_new_session=True, **streams)
         try:
             child.communicate(job.encode(), timeout=timeout)
         except (subprocess.TimeoutExpired, OSError):
@@ -282,15 +295,15 @@ def code_reward(completion: str, tests: list[str], timeout: float = 5.0, memory_
                 pass
             child.wait()
         results.seek(0)
-        marks = results.read(1 << 16).split()[:len(tests)]
+        marks = results.read(1 << 16).split()[: len(tests)]
     return sum(mark == b"1" for mark in marks) / len(tests)
 
 
 def addition_reward(completion: str, example: dict) -> float:
     """[R-BIN] for the tiny task: the answer must be exactly the sum, written as an integer.
 
-    >>> example = {"question": "47+38", "answer": "85"}
-    >>> addition_reward(addition_trace(47, 38), example), addition_reward(addition_trace(47, 38, 0), example)
+    >>> ex = {"question": "47+38", "answer": "85"}
+    >>> addition_reward(addition_trace(47, 38), ex), addition_reward(addition_trace(47, 38, 0), ex)
     (1.0, 0.0)
     """
     return 1.0 if extract_answer(completion) == str(example["answer"]) else 0.0
@@ -302,8 +315,10 @@ def parity_reward(completion: str, example: dict) -> float:
     >>> ex = parity_example("0110")
     >>> [parity_reward(parity_completion("0110", m), ex) for m in ("direct", "trace", "retry")]
     [1.0, 1.0, 1.0]
-    >>> parity_reward("<think>eOEo</think><answer>1</answer>", ex), parity_reward("<think>eOEe</think>", ex)
-    (0.0, 0.0)
+    >>> parity_reward("<think>eOEo</think><answer>1</answer>", ex)
+    0.0
+    >>> parity_reward("<think>eOEe</think>", ex)
+    0.0
     """
     return 1.0 if extract_answer(completion) == example["answer"] else 0.0
 
@@ -313,30 +328,35 @@ def parity_reward(completion: str, example: dict) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-# [R-FORMAT] R1-Zero's format: reasoning in <think>...</think>, then the answer in <answer>...</answer>,
-# then nothing. The opening <think> may sit at the end of the prompt. Inside a block no tag may appear.
+# [R-FORMAT] R1-Zero's format: reasoning in <think>...</think>, then the answer in
+# <answer>...</answer>, then nothing. The opening <think> may sit at the end of the prompt. Inside a
+# block no tag may appear.
 _NO_TAG = r"(?:(?!</?think>|</?answer>).)*"
-
-
-_FORMAT = re.compile(rf"\s*(?:<think>)?{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*", re.DOTALL)
+_FORMAT = re.compile(
+    rf"\s*(?:<think>)?{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*", re.DOTALL
+)
 
 
 def format_reward(completion: str) -> float:
-    """[R-FORMAT] 1.0 iff the completion is '<think>...</think><answer>...</answer>' and nothing more.
+    """[R-FORMAT] 1.0 iff the completion is '<think>...</think><answer>...</answer>', nothing more.
 
-    >>> format_reward("<think>7+8=15</think>\\n<answer>15</answer>\\n"), format_reward("7+8=15</think><answer>15</answer>")
-    (1.0, 1.0)
-    >>> format_reward("<answer>15</answer><think>...</think>"), format_reward("<think>..</think><answer>15</answer> ok?")
-    (0.0, 0.0)
+    >>> format_reward("<think>7+8=15</think>\\n<answer>15</answer>\\n")
+    1.0
+    >>> format_reward("7+8=15</think><answer>15</answer>")
+    1.0
+    >>> format_reward("<answer>15</answer><think>...</think>")
+    0.0
+    >>> format_reward("<think>..</think><answer>15</answer> ok?")
+    0.0
     """
     return 1.0 if isinstance(completion, str) and _FORMAT.fullmatch(completion) else 0.0
 
 
 def length_rewards(lengths: list[int], correct: list[bool]) -> list[float]:
     """[R-LEN] Kimi k1.5's length reward for one group of answers to the same question:
-    lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len). A correct answer gets lambda_i (shorter
-    is better); a wrong one gets min(0, lambda_i) (no bonus for being short and wrong). All 0 if
-    every length is the same.
+    lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len). A correct answer gets lambda_i
+    (shorter is better); a wrong one gets min(0, lambda_i) (no bonus for being short and wrong).
+    All 0 if every length is the same.
 
     >>> length_rewards([10, 20, 30], [True, True, False])
     [0.5, 0.0, -0.5]
@@ -370,15 +390,17 @@ def reasoning_mode(completion: str) -> str:
 
     >>> [reasoning_mode(parity_completion("0110", m)) for m in ("direct", "trace", "retry")]
     ['direct', 'trace', 'retry']
-    >>> reasoning_mode("<answer>0</answer>"), reasoning_mode("<think>7+8=15,4+3+1=8</think><answer>85</answer>")
-    ('other', 'trace')
+    >>> reasoning_mode("<answer>0</answer>")
+    'other'
+    >>> reasoning_mode("<think>7+8=15,4+3+1=8</think><answer>85</answer>")
+    'trace'
     """
     head = completion[:2000]
     end = head.find("</think>")
     if end < 0:
         return "other"
     start = head.rfind("<think>", 0, end)
-    think = head[start + len("<think>") if start >= 0 else 0:end]
+    think = head[start + len("<think>") if start >= 0 else 0 : end]
     if not think.strip():
         return "direct"
     return "retry" if "wait" in think.lower() else "trace"
@@ -393,10 +415,6 @@ def reasoning_mode(completion: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-# Step verifiers, for process supervision [GRPO-PS]: instead of one reward per answer, one per
-# reasoning step. Each returns [(end, score), ...]: `end` is the character index just past the
-# step in the completion, `score` is 1.0 (right) or 0.0 (wrong). nano_grpo.py --supervision process
-# turns the ends into token positions.
 _COLUMN_STEP = re.compile(r"(\d{1,3})\+(\d{1,3})(?:\+(\d{1,3}))?=(\d{1,4})")
 
 
@@ -412,19 +430,21 @@ def addition_steps(completion: str, example: dict) -> list[tuple[int, float]]:
     """
     a, b = int(example["a"]), int(example["b"])
     units = a % 10 + b % 10
-    expected = [f"{a % 10}+{b % 10}={units}", f"{a // 10}+{b // 10}+{units // 10}={a // 10 + b // 10 + units // 10}"]
+    tens = a // 10 + b // 10 + units // 10
+    expected = [f"{a % 10}+{b % 10}={units}", f"{a // 10}+{b // 10}+{units // 10}={tens}"]
     head = completion[:500]  # the trace is short; bounds the work on hostile text
     think_end = head.find("</think>")
     trace = head[:think_end] if think_end >= 0 else head
-    steps = [(m.end(), float(m.group(0) == want)) for m, want in zip(_COLUMN_STEP.finditer(trace), expected)]
-    answer_end = completion.rfind("</answer>")
-    steps.append((answer_end + len("</answer>") if answer_end >= 0 else len(completion), addition_reward(completion, example)))
+    written = _COLUMN_STEP.finditer(trace)
+    steps = [(m.end(), float(m.group(0) == want)) for m, want in zip(written, expected)]
+    tag = completion.rfind("</answer>")
+    answer_end = tag + len("</answer>") if tag >= 0 else len(completion)
+    steps.append((answer_end, addition_reward(completion, example)))
     return steps
 
 
-_NUM = r"(?<![\d.,])-?\d{1,12}(?:,\d{3}){0,4}(?:\.\d{1,8})?(?![\d])"  # bounded: linear time on digit floods
-
-
+# bounded: linear time on digit floods
+_NUM = r"(?<![\d.,])-?\d{1,12}(?:,\d{3}){0,4}(?:\.\d{1,8})?(?![\d])"
 _ARITH_STEP = re.compile(rf"({_NUM})\s*([-+*/x×÷])\s*({_NUM})\s*=\s*\$?\s*({_NUM})")
 
 
@@ -437,8 +457,8 @@ def arithmetic_steps(text: str) -> list[tuple[int, float]]:
     >>> arithmetic_steps("10/3 = 3.33 each")
     [(11, 1.0)]
     """
-    ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y, "x": lambda x, y: x * y,
-           "×": lambda x, y: x * y, "/": lambda x, y: x / y if y else None, "÷": lambda x, y: x / y if y else None}
+    mul, div = operator.mul, lambda x, y: x / y if y else None
+    ops = {"+": operator.add, "-": operator.sub, "*": mul, "x": mul, "×": mul, "/": div, "÷": div}
     steps = []
     for m in _ARITH_STEP.finditer(text[:20_000]):
         try:
@@ -477,9 +497,9 @@ def parity_steps(completion: str, example: dict) -> list[tuple[int, float]]:
         if head[i] in "eoEO":
             k = len(steps)
             steps.append((i + 1, float(k < len(want) and head[i] == want[k])))
-    answer_end = completion.rfind("</answer>")
-    steps.append((answer_end + len("</answer>") if answer_end >= 0 else len(completion),
-                  parity_reward(completion, example)))
+    tag = completion.rfind("</answer>")
+    answer_end = tag + len("</answer>") if tag >= 0 else len(completion)
+    steps.append((answer_end, parity_reward(completion, example)))
     return steps
 
 
@@ -490,7 +510,8 @@ def task_steps(name: str, completion: str, example: dict) -> list[tuple[int, flo
         return addition_steps(completion, example)
     if name == "parity":
         return parity_steps(completion, example)
-    return arithmetic_steps(completion) + [(len(completion), TASKS[name].correct(completion, example))]
+    steps = arithmetic_steps(completion)
+    return steps + [(len(completion), TASKS[name].correct(completion, example))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -540,8 +561,8 @@ def addition_trace(a: int, b: int, carry_written: int | None = None) -> str:
     carry = units // 10 if carry_written is None else carry_written
     tens = a // 10 + b // 10 + carry
     answer = tens * 10 + units % 10
-    return (f"<think>{a % 10}+{b % 10}={units},{a // 10}+{b // 10}+{carry}={tens}</think>"
-            f"<answer>{answer}</answer>")
+    think = f"{a % 10}+{b % 10}={units},{a // 10}+{b // 10}+{carry}={tens}"
+    return f"<think>{think}</think><answer>{answer}</answer>"
 
 
 def addition_examples(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
@@ -573,17 +594,10 @@ def addition_examples(split: str, n: int | None = None, seed: int = 0) -> list[d
 
 
 PARITY_WIDTH = 12
-
-
 PARITY_BUCKETS = {"easy": (3, 4), "mid": (5, 8), "hard": (9, 12)}  # bucket -> (min d, max d)
-
-
 PARITY_HELD_OUT = 0.25  # of the strings of each length d (at least one), never trained on
-
-
-PARITY_SYMBOLS = {("0", 0): "e", ("0", 1): "o", ("1", 0): "E", ("1", 1): "O"}  # (bit, parity after it)
-
-
+# (the bit, the parity after it) -> its symbol in a trace
+PARITY_SYMBOLS = {("0", 0): "e", ("0", 1): "o", ("1", 0): "E", ("1", 1): "O"}
 WAIT = " wait "  # the retry marker, after a guess and before the trace
 
 
@@ -609,9 +623,9 @@ def parity_strings(d: int, split: str) -> list[str]:
 @lru_cache(maxsize=None)
 def _parity_split(d: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(train, test) strings of length d, each in counting order."""
-    strings = [format(i, f"0{d}b") for i in range(2 ** d)]
+    strings = [format(i, f"0{d}b") for i in range(2**d)]
     ranked = sorted(strings[1:], key=lambda s: zlib.crc32(s.encode()))  # strings[0]: all zeros
-    test = set(ranked[:max(1, round(PARITY_HELD_OUT * len(strings)))])
+    test = set(ranked[: max(1, round(PARITY_HELD_OUT * len(strings)))])
     return tuple(s for s in strings if s not in test), tuple(s for s in strings if s in test)
 
 
@@ -628,7 +642,9 @@ def parity_trace(bits: str) -> str:
     return "".join(out)
 
 
-def parity_completion(bits: str, mode: str = "trace", guess: str = "1", answer: str | None = None) -> str:
+def parity_completion(
+    bits: str, mode: str = "trace", guess: str = "1", answer: str | None = None
+) -> str:
     """A transcript: 'direct', 'trace', or 'retry' (a guess, WAIT, then the trace); the answer is
     the parity unless given.
 
@@ -636,14 +652,16 @@ def parity_completion(bits: str, mode: str = "trace", guess: str = "1", answer: 
     ('<think></think><answer>0</answer>', '<think>1 wait eOEe</think><answer>0</answer>')
     """
     answer = str(bits.count("1") % 2) if answer is None else answer
-    think = {"direct": "", "trace": parity_trace(bits), "retry": guess + WAIT + parity_trace(bits)}[mode]
+    trace = parity_trace(bits)
+    think = {"direct": "", "trace": trace, "retry": guess + WAIT + trace}[mode]
     return f"<think>{think}</think><answer>{answer}</answer>"
 
 
 def parity_example(bits: str) -> dict:
     """{'question': '0110________', 'answer': '0', 'bits': '0110', 'd': 4, 'bucket': 'easy'}"""
-    return {"question": bits.ljust(PARITY_WIDTH, "_"), "answer": str(bits.count("1") % 2), "bits": bits,
-            "d": len(bits), "bucket": parity_bucket(len(bits))}
+    question, answer, d = bits.ljust(PARITY_WIDTH, "_"), str(bits.count("1") % 2), len(bits)
+    bucket = parity_bucket(d)
+    return {"question": question, "answer": answer, "bits": bits, "d": d, "bucket": bucket}
 
 
 def parity_examples(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
@@ -653,9 +671,10 @@ def parity_examples(split: str, n: int | None = None, seed: int = 0) -> list[dic
     >>> [ex["question"] for ex in parity_examples("test", n=3, seed=0)]
     ['110_________', '0011________', '10101_______']
     """
-    rng, lengths = random.Random(f"parity/{split}/{seed}"), range(PARITY_BUCKETS["easy"][0], PARITY_WIDTH + 1)
-    return [parity_example(rng.choice(parity_strings(lengths[i % len(lengths)], split)))
-            for i in range(1000 if n is None else n)]
+    rng = random.Random(f"parity/{split}/{seed}")
+    lengths = range(PARITY_BUCKETS["easy"][0], PARITY_WIDTH + 1)
+    ds = [lengths[i % len(lengths)] for i in range(1000 if n is None else n)]
+    return [parity_example(rng.choice(parity_strings(d, split))) for d in ds]
 
 
 def countdown_problem(rng: random.Random) -> dict:
@@ -671,7 +690,8 @@ def countdown_problem(rng: random.Random) -> dict:
         numbers = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
         parts = [(Fraction(x), str(x)) for x in numbers]  # (value, expression)
         while len(parts) > 1:
-            (a, x), (b, y) = parts.pop(rng.randrange(len(parts))), parts.pop(rng.randrange(len(parts)))
+            a, x = parts.pop(rng.randrange(len(parts)))
+            b, y = parts.pop(rng.randrange(len(parts)))
             op = rng.choice("+-*/" if b else "+-*")
             parts.append((ops[op](a, b), f"({x} {op} {y})"))
         value, expression = parts[0]
@@ -697,26 +717,28 @@ class Task(NamedTuple):
 
 
 _THINK = "Think step by step inside <think> </think> tags, then "
+MATH_INSTRUCTION = (
+    "{question}\n" + _THINK + "give only the final answer inside <answer> </answer> tags."
+)
+COUNTDOWN_INSTRUCTION = (
+    "{question}\n" + _THINK + "write only the equation inside <answer> </answer> tags,"
+    " for example <answer>(1 + 2) / 3</answer>."
+)
+CODE_INSTRUCTION = (
+    "{question}\n" + _THINK + "give the complete Python code inside <answer> </answer> tags,"
+    " as one ```python code block."
+)
 
 
-MATH_INSTRUCTION = "{question}\n" + _THINK + "give only the final answer inside <answer> </answer> tags."
+# For a base model without a chat template: R1-Zero's plain-text prompt, ending in the think block.
+BASE_TEMPLATE = (
+    "A conversation between User and Assistant. The User asks a question and the Assistant "
+    "solves it: it first thinks about the reasoning process, then gives the answer, as "
+    "<think> reasoning </think> <answer> answer </answer>.\nUser: {content}\nAssistant: <think>"
+)
 
 
-COUNTDOWN_INSTRUCTION = ("{question}\n" + _THINK + "write only the equation inside <answer> </answer> tags,"
-                         " for example <answer>(1 + 2) / 3</answer>.")
-
-
-CODE_INSTRUCTION = ("{question}\n" + _THINK + "give the complete Python code inside <answer> </answer> tags,"
-                    " as one ```python code block.")
-
-
-# For a base model without a chat template: R1-Zero's plain-text prompt, ending inside the think block.
-BASE_TEMPLATE = ("A conversation between User and Assistant. The User asks a question and the Assistant "
-                 "solves it: it first thinks about the reasoning process, then gives the answer, as "
-                 "<think> reasoning </think> <answer> answer </answer>.\nUser: {content}\nAssistant: <think>")
-
-
-COUNTDOWN_TEST_ROWS = 1000  # held out from the end of Countdown-Tasks-3to4 (it has only a train split)
+COUNTDOWN_TEST_ROWS = 1000  # held out from the end of Countdown-Tasks-3to4 (a train split only)
 
 
 def _sample(indices: range, n: int | None, seed: int) -> list[int]:
@@ -730,17 +752,22 @@ def _offline(data_path: str | None) -> None:
 
 
 def _read_rows(path: str) -> list[dict]:
-    """Rows of a local .jsonl / .json (a list of rows) / .parquet file in the hub dataset's schema."""
+    """Rows of a local .jsonl/.json (a list of rows)/.parquet file in the hub dataset's schema."""
     file = Path(path)
     if not file.is_file() or file.suffix not in (".jsonl", ".json", ".parquet"):
-        raise TaskError(f"--data_path {path}: pass an existing .jsonl, .json (a list of rows) or .parquet file")
+        raise TaskError(
+            f"--data_path {path}: pass an existing .jsonl, .json (a list of rows) or .parquet file"
+        )
     if file.suffix == ".parquet":
         import pyarrow.parquet  # installed with `datasets`
+
         return pyarrow.parquet.read_table(file).to_pylist()
     try:
         text = file.read_text()
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if file.suffix == ".jsonl" \
-            else json.loads(text)
+        if file.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
     except json.JSONDecodeError as e:
         raise TaskError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): fix the file") from e
     if not isinstance(rows, list):
@@ -754,10 +781,13 @@ def _rows(repo: str, config: str | None, split: str, data_path: str | None) -> l
         return _read_rows(data_path)
     try:
         import datasets  # imported only when a hub task is loaded
+
         return datasets.load_dataset(repo, config, split=split).to_list()
     except Exception as e:
-        raise TaskError(f"could not load {repo} from the Hugging Face hub ({type(e).__name__}): run online, "
-                        "or pass --data_path with a local .jsonl/.json/.parquet copy") from e
+        raise TaskError(
+            f"could not load {repo} from the Hugging Face hub ({type(e).__name__}): run online, "
+            "or pass --data_path with a local .jsonl/.json/.parquet copy"
+        ) from e
 
 
 def _field(row: dict, name: str, i: int):
@@ -766,17 +796,22 @@ def _field(row: dict, name: str, i: int):
     return row[name]
 
 
-def _hub_loader(sources: dict[str, tuple[str, str | None, str]], convert: Callable[[dict, int], dict]):
+def _hub_loader(
+    sources: dict[str, tuple[str, str | None, str]], convert: Callable[[dict, int], dict]
+):
     """A Task.load for a hub dataset; sources: our split -> (repo, config, hub split)."""
+
     def load(split, n, seed, data_path):
         rows = _rows(*sources[split], data_path)
         return [convert(rows[i], i) for i in _sample(range(len(rows)), n, seed)]
+
     return load
 
 
 def _gsm8k_example(row: dict, i: int) -> dict:
-    solution = _field(row, "answer", i)  # "...reasoning...\n#### 72"
-    return {"question": _field(row, "question", i), "answer": solution.split("####")[-1].strip(), "solution": solution}
+    solution, question = _field(row, "answer", i), _field(row, "question", i)
+    answer = solution.split("####")[-1].strip()  # "...reasoning...\n#### 72" -> "72"
+    return {"question": question, "answer": answer, "solution": solution}
 
 
 def _math_example(row: dict, i: int) -> dict:
@@ -784,22 +819,30 @@ def _math_example(row: dict, i: int) -> dict:
     answer = row.get("answer") if isinstance(row, dict) else None
     answer = answer or _last_boxed(_field(row, "solution", i))
     if not answer:
-        raise TaskError(f"row {i} has no field 'answer' and no \\boxed{{...}} in its 'solution': fix the row")
-    return {"question": _field(row, "problem", i), "answer": answer, "solution": row.get("solution", "")}
+        raise TaskError(
+            f"row {i} has no field 'answer' and no \\boxed{{...}} in its 'solution': fix the row"
+        )
+    question = _field(row, "problem", i)
+    return {"question": question, "answer": answer, "solution": row.get("solution", "")}
 
 
 def _countdown_example(numbers, target, **extra) -> dict:
     numbers, target = [int(x) for x in numbers], int(target)
-    question = (f"Using the numbers {numbers}, create an equation that equals {target}. You can use basic "
-                "arithmetic operations (+, -, *, /) and each number can only be used once.")
-    return {"question": question, "answer": str(target), "numbers": numbers, "target": target, **extra}
+    question = (
+        f"Using the numbers {numbers}, create an equation that equals {target}. You can use basic "
+        "arithmetic operations (+, -, *, /) and each number can only be used once."
+    )
+    example = {"question": question, "answer": str(target), "numbers": numbers, "target": target}
+    return {**example, **extra}
 
 
 def _mbpp_example(row: dict, i: int) -> dict:
     tests, setup = list(_field(row, "test_list", i)), row.get("test_setup_code") or ""
-    question = f"{_field(row, 'text', i)}\nYour code should pass tests like this one:\n" + "\n".join(tests[:1])
-    return {"question": question, "answer": _field(row, "code", i), "task_id": row.get("task_id"),
-            "tests": [f"{setup}\n{test}" if setup else test for test in tests]}
+    text = _field(row, "text", i)
+    question = f"{text}\nYour code should pass tests like this one:\n" + "\n".join(tests[:1])
+    code, task_id = _field(row, "code", i), row.get("task_id")
+    runnable = [f"{setup}\n{test}" if setup else test for test in tests]
+    return {"question": question, "answer": code, "task_id": task_id, "tests": runnable}
 
 
 def _addition(split: str, n: int | None, seed: int, data_path: str | None) -> list[dict]:
@@ -812,9 +855,11 @@ def _parity(split: str, n: int | None, seed: int, data_path: str | None) -> list
     return parity_examples(split, n, seed)
 
 
-def _countdown_procedural(split: str, n: int | None, seed: int, data_path: str | None) -> list[dict]:
-    """n problems (1000 if n is None) from a stream seeded by (split, seed). A problem belongs to 'test'
-    iff a hash of its numbers and target says so (1 in 10), so train and test never share one."""
+def _countdown_procedural(
+    split: str, n: int | None, seed: int, data_path: str | None
+) -> list[dict]:
+    """n problems (1000 if n is None) from a stream seeded by (split, seed). A problem belongs to
+    'test' iff a hash of its numbers and target says so (1 in 10): train and test share none."""
     _offline(data_path)
     rng, seen, examples = random.Random(f"countdown/{split}/{seed}"), set(), []
     while len(examples) < (1000 if n is None else n):
@@ -831,9 +876,12 @@ def _countdown_hub(split: str, n: int | None, seed: int, data_path: str | None) 
     COUNTDOWN_TEST_ROWS rows (a tenth of a small local file) are the fixed held-out test split."""
     rows = _rows("Jiayi-Pan/Countdown-Tasks-3to4", None, "train", data_path)
     held_out = max(1, min(COUNTDOWN_TEST_ROWS, len(rows) // 10))
-    split_rows = range(len(rows) - held_out, len(rows)) if split == "test" else range(len(rows) - held_out)
-    return [_countdown_example(_field(rows[i], "nums", i), _field(rows[i], "target", i))
-            for i in _sample(split_rows, n, seed)]
+    cut = len(rows) - held_out
+    split_rows = range(cut, len(rows)) if split == "test" else range(cut)
+    return [
+        _countdown_example(_field(rows[i], "nums", i), _field(rows[i], "target", i))
+        for i in _sample(split_rows, n, seed)
+    ]
 
 
 def _countdown_correct(completion: str, example: dict) -> float:
@@ -844,21 +892,34 @@ _MBPP = "google-research-datasets/mbpp"
 
 
 TASKS: dict[str, Task] = {
-    # the tiny model's task: the prompt is only the question ("47+38"): its vocabulary has ~30 characters
+    # the tiny model's task: the prompt is only the question ("47+38"): its vocabulary is ~30 chars
     "addition": Task(_addition, "{question}", addition_reward),
-    # the R1-Zero miniature (assets/tiny-parity): the prompt is the padded bit string ("0110________")
+    # the R1-Zero miniature (assets/tiny-parity): the prompt is the padded bits ("0110________")
     "parity": Task(_parity, "{question}", parity_reward),
     "countdown-procedural": Task(_countdown_procedural, COUNTDOWN_INSTRUCTION, _countdown_correct),
-    "gsm8k": Task(_hub_loader({s: ("openai/gsm8k", "main", s) for s in ("train", "test")}, _gsm8k_example),
-                  MATH_INSTRUCTION, lambda completion, ex: gsm8k_reward(completion, ex["answer"])),
-    # train: the 7,500 MATH training problems (DigitalLearningGmbH/MATH-lighteval, the mirror of the
-    # old lighteval/MATH that verl uses); test: MATH-500, drawn from MATH's test set, so the two are disjoint
-    "math": Task(_hub_loader({"train": ("DigitalLearningGmbH/MATH-lighteval", None, "train"),
-                              "test": ("HuggingFaceH4/MATH-500", None, "test")}, _math_example),
-                 MATH_INSTRUCTION, lambda completion, ex: math_reward(completion, ex["answer"])),
+    "gsm8k": Task(
+        _hub_loader({s: ("openai/gsm8k", "main", s) for s in ("train", "test")}, _gsm8k_example),
+        MATH_INSTRUCTION,
+        lambda completion, ex: gsm8k_reward(completion, ex["answer"]),
+    ),
+    "math": Task(
+        _hub_loader(
+            {
+                # MATH's 7,500 training problems (the mirror of the old lighteval/MATH verl uses)
+                "train": ("DigitalLearningGmbH/MATH-lighteval", None, "train"),
+                "test": ("HuggingFaceH4/MATH-500", None, "test"),  # from MATH's test set: disjoint
+            },
+            _math_example,
+        ),
+        MATH_INSTRUCTION,
+        lambda completion, ex: math_reward(completion, ex["answer"]),
+    ),
     "countdown": Task(_countdown_hub, COUNTDOWN_INSTRUCTION, _countdown_correct),
-    "mbpp": Task(_hub_loader({s: (_MBPP, "full", s) for s in ("train", "test")}, _mbpp_example),
-                 CODE_INSTRUCTION, lambda completion, ex: code_reward(completion, ex["tests"])),
+    "mbpp": Task(
+        _hub_loader({s: (_MBPP, "full", s) for s in ("train", "test")}, _mbpp_example),
+        CODE_INSTRUCTION,
+        lambda completion, ex: code_reward(completion, ex["tests"]),
+    ),
 }
 
 
@@ -868,14 +929,21 @@ def _task(name: str) -> Task:
     return TASKS[name]
 
 
-def load_task(name: str, split: str = "train", n: int | None = None, seed: int = 0,
-              data_path: str | None = None) -> list[dict]:
+def load_task(
+    name: str,
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    data_path: str | None = None,
+) -> list[dict]:
     """The examples of a task's split: all of them in order (n None; countdown-procedural: 1000),
     or n drawn with `seed`. Hub tasks come from the Hugging Face hub, or from `data_path`, a local
     .jsonl/.json/.parquet file in the hub dataset's schema. Errors are one-line TaskErrors.
 
-    >>> load_task("addition", "test", n=2, seed=0)[0]["question"], len(load_task("countdown-procedural", "test", n=3))
-    ('35+81', 3)
+    >>> load_task("addition", "test", n=2, seed=0)[0]["question"]
+    '35+81'
+    >>> len(load_task("countdown-procedural", "test", n=3))
+    3
     """
     task = _task(name)
     if split not in ("train", "test"):
@@ -895,15 +963,18 @@ def build_prompt(name: str, example: dict, tokenizer=None) -> str:
     """
     content = _task(name).instruction.format(question=example["question"])
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+        messages = [{"role": "user", "content": content}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return BASE_TEMPLATE.format(content=content)
 
 
-def task_reward(name: str, completion: str, example: dict, format_weight: float = 0.1) -> tuple[float, dict]:
-    """total = correct [R-BIN] + format_weight * format [R-FORMAT]; the parts are returned for the log.
+def task_reward(
+    name: str, completion: str, example: dict, format_weight: float = 0.1
+) -> tuple[float, dict]:
+    """total = correct [R-BIN] + format_weight * format [R-FORMAT], and the parts, for the log.
 
-    >>> task_reward("addition", "<think>7+8=15,4+3+1=8</think><answer>85</answer>", {"answer": "85"})
+    >>> completion = "<think>7+8=15,4+3+1=8</think><answer>85</answer>"
+    >>> task_reward("addition", completion, {"answer": "85"})
     (1.1, {'correct': 1.0, 'format': 1.0})
     """
     correct, form = _task(name).correct(completion, example), format_reward(completion)
@@ -920,14 +991,17 @@ def task_reward(name: str, completion: str, example: dict, format_weight: float 
 def _verify_latex(pred: str, gold: str) -> bool:
     """Hugging Face math-verify's symbolic comparison, with its own (signal-based) timeouts off."""
     from math_verify import parse, verify  # imported on first use: ~0.3 s
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings: we time it
+
+    # silence its "timeout disabled" warnings: we time it
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
 
     def delimited(s: str) -> str:  # math-verify finds LaTeX only between delimiters
         s = s.replace("\\$", "")
         return s if "$" in s or "\\boxed" in s else f"${s}$"
-    gold_parsed = parse(delimited(gold), parsing_timeout=None)
-    pred_parsed = parse(delimited(pred), parsing_timeout=None)
-    return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+    gold_expr = parse(delimited(gold), parsing_timeout=None)
+    pred_expr = parse(delimited(pred), parsing_timeout=None)
+    return bool(gold_expr and pred_expr and verify(gold_expr, pred_expr, timeout_seconds=None))
 
 
 class _TimeUp(BaseException):
@@ -936,8 +1010,6 @@ class _TimeUp(BaseException):
 
 
 _WARM_UP = ("x^2+2x+1", "(x+1)^2")  # needs the parser and sympy's polynomial code
-
-
 _warmed_up: list[bool] = []  # [True] once this process has compared _WARM_UP
 
 
@@ -971,9 +1043,12 @@ def _verify_in_time(pred: str, gold: str) -> bool:
     start, cpu_start = time.monotonic(), time.thread_time()
 
     def on_tick(signum, frame):
-        if armed[0] and (time.thread_time() - cpu_start > MATH_TIMEOUT_S
-                         or time.monotonic() - start > MATH_WALL_S):
+        if armed[0] and (
+            time.thread_time() - cpu_start > MATH_TIMEOUT_S
+            or time.monotonic() - start > MATH_WALL_S
+        ):
             raise _TimeUp
+
     old_handler = signal.signal(signal.SIGALRM, on_tick)
     old_handler = signal.SIG_DFL if old_handler is None else old_handler
     # then every 50 ms: a tick that raises inside a finalizer (gc) is swallowed there
@@ -986,7 +1061,8 @@ def _verify_in_time(pred: str, gold: str) -> bool:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old_handler)
             if old_delay:
-                signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - start), 1e-3))
+                remaining = old_delay - (time.monotonic() - start)
+                signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3))
     except _TimeUp:
         signal.signal(signal.SIGALRM, old_handler)  # in case the alarm struck inside the clean-up
         return False
@@ -999,27 +1075,26 @@ def _python_running(function: str, *flags: str) -> list[str]:
     return [sys.executable, *flags, "-c", code]
 
 
-_judges: dict[int, subprocess.Popen] = {}  # helper process per process id (a forked child needs its own)
-
-
+_judges: dict[int, subprocess.Popen] = {}  # a helper per process id (a forked child needs its own)
 _judge_lock = threading.Lock()
 
 
 def _read_line(proc: subprocess.Popen, timeout: float) -> str | None:
     """The next line `proc` prints within `timeout` seconds of wall-clock time, or None."""
-    return proc.stdout.readline().strip() if select.select([proc.stdout], [], [], timeout)[0] else None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline().strip() if ready else None
 
 
 def _judge_equal(pred: str, gold: str) -> bool:
     """_verify_in_time in a long-lived helper process (in its main thread: the same CPU budget and
     backstop), which answers 0 by itself when time is up. Killed (and later replaced) only if it
-    has not answered 0.5 s after its own backstop: stuck where no signal gets in (a long C call)."""
+    has not answered 0.5 s past its own backstop: stuck where no signal gets in (a long C call)."""
     with _judge_lock:  # one comparison at a time through the helper
         judge = _judges.get(os.getpid())
         if judge is None or judge.poll() is not None:
-            judge = _judges[os.getpid()] = subprocess.Popen(
-                _python_running("_judge_loop"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True, bufsize=1)
+            pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            judge = subprocess.Popen(_python_running("_judge_loop"), text=True, bufsize=1, **pipes)
+            _judges[os.getpid()] = judge
             _read_line(judge, 60)  # "ready": its start (import, warm-up: ~1.5 s) is not timed
         try:
             judge.stdin.write(json.dumps([pred, gold]) + "\n")
@@ -1050,21 +1125,25 @@ def _judge_loop() -> None:
 # Code: run the program and its tests in a separate, limited Python process.
 
 
-_SANDBOX_MODULES = ("math", "cmath", "re", "string", "collections", "itertools", "functools", "heapq", "bisect",
-                    "operator", "copy", "array", "fractions", "decimal", "statistics", "random", "datetime",
-                    "_strptime", "typing", "dataclasses", "json")  # importable even after the drop to 'nobody'
+# importable even after the drop to 'nobody'
+_SANDBOX_MODULES = tuple(
+    """math cmath re string collections itertools functools heapq bisect operator copy
+    array fractions decimal statistics random datetime _strptime typing dataclasses json""".split()
+)
 
 
-_SANDBOX_BLOCKED_CALLS = (  # set to None in os / posix / _posixsubprocess before the program runs
-    "fork", "forkpty", "system", "popen", "fork_exec", "posix_spawn", "posix_spawnp", "execv", "execve",
-    "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
-    "spawnv", "spawnve", "spawnvp", "spawnvpe", "kill", "killpg", "setsid", "setpgid", "setpgrp", "setuid",
-    "setreuid", "setresuid", "putenv", "unsetenv", "remove", "unlink", "rmdir", "removedirs", "rename",
-    "renames", "replace", "chmod", "chown", "lchown", "link", "symlink", "truncate", "chdir", "fchdir",
-    "chroot", "mkfifo", "mknod")
+# set to None in os / posix / _posixsubprocess before the program runs
+_SANDBOX_BLOCKED_CALLS = tuple(
+    """fork forkpty system popen fork_exec posix_spawn posix_spawnp execv execve execl execle execlp
+    execlpe execvp execvpe spawnl spawnle spawnlp spawnlpe spawnv spawnve spawnvp spawnvpe kill
+    killpg setsid setpgid setpgrp setuid setreuid setresuid putenv unsetenv remove unlink rmdir
+    removedirs rename renames replace chmod chown lchown link symlink truncate chdir fchdir chroot
+    mkfifo mknod""".split()
+)
 
 
-_SANDBOX_BLOCKED_MODULES = ("subprocess", "multiprocessing", "ctypes", "_ctypes", "pty")  # `import` fails
+# `import` fails
+_SANDBOX_BLOCKED_MODULES = ("subprocess", "multiprocessing", "ctypes", "_ctypes", "pty")
 
 
 def _sandbox_child() -> None:
@@ -1076,10 +1155,11 @@ def _sandbox_child() -> None:
     import io
     import posix
     import resource
+
     job = json.loads(sys.stdin.read())
-    for limit, value in ((resource.RLIMIT_CPU, job["cpu_s"]), (resource.RLIMIT_AS, job["memory"]),
-                         (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(limit, (value, value))
+    limits = {"CPU": job["cpu_s"], "AS": job["memory"], "FSIZE": 16 << 20, "CORE": 0}
+    for kind, value in limits.items():  # CPU seconds, address space, file size, core dumps
+        resource.setrlimit(getattr(resource, f"RLIMIT_{kind}"), (value, value))
     results = os.fdopen(os.dup(1), "w", buffering=1)  # our line back to the parent
     quiet = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -1095,13 +1175,15 @@ def _sandbox_child() -> None:
             os.setuid(65534)
         except OSError:  # no CAP_SETUID (some containers): stay root, with the guard below only
             pass
-    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))  # no new process or thread (binds unless root)
+    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))  # no new process or thread, unless root
     workdir = os.path.realpath(os.getcwd())
     real_open, real_os_open, real_file_io = builtins.open, os.open, _io.FileIO
 
     def check(path) -> None:  # only paths inside the working directory (no file descriptors either)
-        if not (isinstance(path, (str, bytes, os.PathLike))
-                and os.path.realpath(os.fsdecode(path)).startswith(workdir + os.sep)):
+        if not (
+            isinstance(path, (str, bytes, os.PathLike))
+            and os.path.realpath(os.fsdecode(path)).startswith(workdir + os.sep)
+        ):
             raise PermissionError(f"sandbox: {path!r} is outside {workdir}")
 
     def guarded_open(file, *args, **kwargs):
@@ -1116,6 +1198,7 @@ def _sandbox_child() -> None:
         def __init__(self, file, *args, **kwargs):
             check(file)
             super().__init__(file, *args, **kwargs)
+
     builtins.open = io.open = _io.open = guarded_open
     io.FileIO = _io.FileIO = GuardedFileIO
     os.open = posix.open = guarded_os_open
@@ -1125,7 +1208,8 @@ def _sandbox_child() -> None:
                 setattr(module, name, None)
     for name in _SANDBOX_BLOCKED_MODULES:
         sys.modules[name] = None
-    run, compile_, failure = exec, compile, BaseException  # our own references: the program may patch builtins
+    # our own references: the program may patch builtins
+    run, compile_, failure = exec, compile, BaseException
     namespace = {"__name__": "solution"}
     try:
         run(compile_(job["code"], "solution.py", "exec"), namespace)
@@ -1153,16 +1237,21 @@ def trl_reward_func(task_name: str, format_weight: float = 0.1) -> Callable[...,
     The dataset needs the columns of load_task's examples; the parts are logged via log_metric.
 
     >>> reward = trl_reward_func("gsm8k")
-    >>> reward(prompts=["q"], completions=[[{"role": "assistant", "content": "<answer>72</answer>"}]], answer=["72"])
+    >>> message = {"role": "assistant", "content": "<answer>72</answer>"}
+    >>> reward(prompts=["q"], completions=[[message]], answer=["72"])
     [1.0]
     """
     _task(task_name)
 
     def reward(prompts, completions, **columns) -> list[float]:
-        texts = [c if isinstance(c, str) else "".join(str(m.get("content") or "") for m in c) for c in completions]
+        texts = [
+            c if isinstance(c, str) else "".join(str(m.get("content") or "") for m in c)
+            for c in completions
+        ]
         totals, parts = [], {"correct": [], "format": []}
+        lists = {k: v for k, v in columns.items() if isinstance(v, list) and len(v) == len(texts)}
         for i, text in enumerate(texts):
-            example = {k: v[i] for k, v in columns.items() if isinstance(v, list) and len(v) == len(texts)}
+            example = {k: v[i] for k, v in lists.items()}
             total, components = task_reward(task_name, text, example, format_weight)
             totals.append(total)
             for k, v in components.items():
@@ -1171,17 +1260,21 @@ def trl_reward_func(task_name: str, format_weight: float = 0.1) -> Callable[...,
             for k, values in parts.items():
                 columns["log_metric"](f"{task_name}/{k}", sum(values) / len(values))
         return totals
+
     reward.__name__ = f"{task_name.replace('-', '_')}_reward"  # TRL logs rewards under this name
     return reward
 
 
-def compute_score(data_source: str, solution_str: str, ground_truth, extra_info=None, **kwargs) -> float:
-    """verl's custom reward function form (custom_reward_function.path=rewards.py, name=compute_score):
-    the same total as task_reward, chosen by data_source: '...gsm8k' and '...MATH...' (ground_truth the
-    answer), '...countdown...' (ground_truth {'target', 'numbers'}), '...mbpp...' (ground_truth the
-    list of asserts, or its JSON), 'addition' (ground_truth the sum).
+def compute_score(
+    data_source: str, solution_str: str, ground_truth, extra_info=None, **kwargs
+) -> float:
+    """verl's custom reward function (custom_reward_function.path=rewards.py, name=compute_score):
+    the same total as task_reward, chosen by data_source: '...gsm8k' and '...MATH...' (ground_truth
+    the answer), '...countdown...' (ground_truth {'target', 'numbers'}), '...mbpp...' (ground_truth
+    the list of asserts, or its JSON), 'addition' (ground_truth the sum).
 
-    >>> compute_score("Jiayi-Pan/Countdown-Tasks-3to4", "<think>..</think><answer>(44 - 19) * 4</answer>",
+    >>> completion = "<think>..</think><answer>(44 - 19) * 4</answer>"
+    >>> compute_score("Jiayi-Pan/Countdown-Tasks-3to4", completion,
     ...               {"target": 100, "numbers": [19, 44, 4]})
     1.1
     """
@@ -1189,8 +1282,8 @@ def compute_score(data_source: str, solution_str: str, ground_truth, extra_info=
     if "gsm8k" in source:
         return task_reward("gsm8k", solution_str, {"answer": str(ground_truth)})[0]
     if "countdown" in source:
-        return task_reward("countdown", solution_str, {"numbers": list(ground_truth["numbers"]),
-                                                       "target": ground_truth["target"]})[0]
+        example = {"numbers": list(ground_truth["numbers"]), "target": ground_truth["target"]}
+        return task_reward("countdown", solution_str, example)[0]
     if "math" in source:
         return task_reward("math", solution_str, {"answer": str(ground_truth)})[0]
     if "mbpp" in source:
@@ -1198,5 +1291,7 @@ def compute_score(data_source: str, solution_str: str, ground_truth, extra_info=
         return task_reward("mbpp", solution_str, {"tests": tests})[0]
     if "addition" in source:
         return task_reward("addition", solution_str, {"answer": str(ground_truth)})[0]
-    raise TaskError(f"no reward for data_source {data_source!r}: "
-                    "use one containing gsm8k, math, countdown, mbpp or addition")
+    raise TaskError(
+        f"no reward for data_source {data_source!r}: "
+        "use one containing gsm8k, math, countdown, mbpp or addition"
+    )
