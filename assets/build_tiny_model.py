@@ -1,6 +1,7 @@
-"""build_tiny_model.py - build the tiny models nano-rlvr ships: assets/tiny-addition/ and its variants.
+"""build_tiny_model.py - build the tiny models nano-rlvr ships: assets/tiny-addition/ and variants.
 
-    python assets/build_tiny_model.py [--variant cold-start|think-fusion|base|base-web|parity] [--out DIR] [--seed 0]
+    python assets/build_tiny_model.py [--out DIR] [--seed 0]
+        [--variant cold-start|think-fusion|base|base-web|parity]
 
 RL from verifiable rewards improves a policy that already *sometimes* gets the answer right:
 GRPO learns only from groups whose rewards differ. DeepSeek-R1 therefore starts with a small
@@ -46,19 +47,21 @@ Four variants, same tokenizer, architecture and sloppy teacher (chapter 14.3's c
                 the loss is still on every token. (rewards.BASE_TEMPLATE, R1-Zero's plain-text
                 prompt, is ~218 tokens: longer than this model's 128 positions; nano_grpo.py uses
                 the tokenizer's chat template whenever there is one, for base and base-web alike.)
-  parity        -> assets/tiny-parity/: R1-Zero's headline curve in miniature (issue 15), on another task:
-                the parity of 3..12 bits (rewards.py, section 1b), a smaller Qwen2 (hidden 64, 2 heads
-                of 32). Pre-trained on the teacher's transcripts (prompt masked, loss averaged per
-                sequence so long traces do not outweigh short answers) in a mix of modes: mostly
-                direct answers, traces more often the longer the string (--p-trace-lo at 3 bits to
-                --p-trace-hi at 12), some of them retries (a guess, " wait ", the trace), a few traces cut
-                at a random length with a forced </think> (as --think_budget cuts; that part masked),
-                plus extra short strings. The teacher is a person doing parity in their head: its direct
-                answers are right up to --direct-max (5) bits and coin flips beyond (without that, a
-                model this size can learn to count the ones and answer long strings directly: one
-                build did, 0.91 on 9-12 bits); its traces are always right. So a trace is worth
-                writing on longer strings only, and GRPO has to find that out.
+  parity        -> assets/tiny-parity/: R1-Zero's headline curve in miniature (issue 15), on
+                another task: the parity of 3..12 bits (rewards.py, section 1b), a smaller Qwen2
+                (hidden 64, 2 heads of 32). Pre-trained on the teacher's transcripts (prompt
+                masked, loss averaged per sequence so long traces do not outweigh short answers)
+                in a mix of modes: mostly direct answers, traces more often the longer the string
+                (--p-trace-lo at 3 bits to --p-trace-hi at 12), some of them retries (a guess,
+                " wait ", the trace), a few traces cut at a random length with a forced </think>
+                (as --think_budget cuts; that part masked), plus extra short strings. The teacher
+                is a person doing parity in their head: its direct answers are right up to
+                --direct-max (5) bits and coin flips beyond (without that, a model this size can
+                learn to count the ones and answer long strings directly: one build did, 0.91 on
+                9-12 bits); its traces are always right. So a trace is worth writing on longer
+                strings only, and GRPO has to find that out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,15 +82,33 @@ from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from rewards import (addition_pairs, addition_trace, build_prompt, parity_completion, parity_examples,  # noqa: E402
-                     parity_strings, parity_trace, reasoning_mode, PARITY_WIDTH, PARITY_BUCKETS)
+from rewards import (  # noqa: E402
+    PARITY_BUCKETS,
+    PARITY_WIDTH,
+    addition_pairs,
+    addition_trace,
+    build_prompt,
+    parity_completion,
+    parity_examples,
+    parity_strings,
+    parity_trace,
+    reasoning_mode,
+)
 
 # Ids 0..9 are fixed (other code relies on pad=0, eos=1). pad, eos and unk are *special*: decode
 # (skip_special_tokens=True, vLLM's default) drops them. The chat and reasoning tags are
 # ordinary added tokens, so they survive detokenization and the reward functions can see them.
 SPECIAL = ["<|pad|>", "<|endoftext|>"]
-TAGS = ["<|user|>", "<|assistant|>", "<think>", "</think>", "<answer>", "</answer>",
-        "/think", "/no_think"]
+TAGS = [
+    "<|user|>",
+    "<|assistant|>",
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+    "/think",
+    "/no_think",
+]
 UNK = "<|unk|>"  # reserved: a byte-level tokenizer has no unknown characters
 # The task's characters come first (ids 11..29; "Ġ" is how byte-level BPE writes a space), then
 # the rest of the 256 bytes, so that any text at all encodes and decodes exactly.
@@ -99,7 +120,8 @@ CHAT_TEMPLATE = (
     "{%- elif m['role'] == 'assistant' -%}<|assistant|>{{ m['content'] }}<|endoftext|>"
     "{%- else -%}{{ raise_exception('tiny-addition knows only user and assistant turns') }}"
     "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}")
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
 MAX_LEN = 128
 # A well-formed completion: the think block, a numeric answer, then the end of the text.
 WELL_FORMED = re.compile(r"<think>[^<]*</think><answer>\d+</answer><\|endoftext\|>")
@@ -114,7 +136,11 @@ VARIANTS = {  # variant -> (default output folder, default SFT steps)
     "parity": ("tiny-parity", 1500),
 }
 # parity: a smaller model than the addition models (faster RL steps); head_dim stays 32
-SIZES = {"parity": dict(hidden_size=64, intermediate_size=256, num_attention_heads=2, num_key_value_heads=2)}
+SIZES = {
+    "parity": dict(
+        hidden_size=64, intermediate_size=256, num_attention_heads=2, num_key_value_heads=2
+    )
+}
 # base-web: the share of pre-training documents that are R1-format transcripts ("web pages with
 # R1-style reasoning"): small, and mostly wrong on carries (the sloppy teacher), so a weak prior.
 WEB_SHARE = 0.03
@@ -128,19 +154,33 @@ def build_tokenizer() -> Qwen2Tokenizer:
     whatever pipeline the file describes. Building exactly that makes every loader agree.
     """
     vocab = {t: i for i, t in enumerate(SPECIAL + TAGS + [UNK] + CHARS)}
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<|pad|>", eos_token="<|endoftext|>",
-                         bos_token=None, unk_token=UNK, chat_template=CHAT_TEMPLATE,
-                         model_max_length=MAX_LEN)
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        pad_token="<|pad|>",
+        eos_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=UNK,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MAX_LEN,
+    )
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
     return tok
 
 
 def build_model(vocab_size: int, seed: int, **size) -> Qwen2ForCausalLM:
+    # head_dim 32: the smallest vLLM-CPU runs
+    shape = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
     config = Qwen2Config(
-        vocab_size=vocab_size, **{**dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4), **size},  # head_dim 32: the smallest vLLM-CPU runs
-        max_position_embeddings=MAX_LEN, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=1, pad_token_id=0, dtype="float32")
+        vocab_size=vocab_size,
+        **{**shape, "num_key_value_heads": 4, **size},
+        max_position_embeddings=MAX_LEN,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+        dtype="float32",
+    )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
 
@@ -159,7 +199,7 @@ def teacher(a: int, b: int, rng: random.Random, p_carry: float) -> str:
 
 def without_thinking(trace: str) -> str:
     """The /no_think form of a trace: an empty think block, then the same answer."""
-    return "<think></think>" + trace[trace.index("<answer>"):]
+    return "<think></think>" + trace[trace.index("<answer>") :]
 
 
 # ---- training data, one function per variant: rows of (input_ids, labels) ----------------------
@@ -198,7 +238,7 @@ def fusion_rows(tok, take, rng, args):
         if mode == "cut":  # move the budget-forced think prefix (and </think>) into the prompt
             end = c.index(close)
             k = rng.randint(0, end)  # end: all of the think block, cut just before </think>
-            p, c = p + c[:k] + [close], c[end + 1:]
+            p, c = p + c[:k] + [close], c[end + 1 :]
         rows.append((p + c, [-100] * len(p) + c))
     return rows
 
@@ -215,7 +255,8 @@ def plain_document(tok, take, rng, args) -> list[int]:
 def transcript(tok, a: int, b: int, rng, args) -> str:
     """base-web: an R1-format transcript, i.e. the prompt nano_grpo.py gives the model for the
     question "a+b" (rewards.build_prompt with this tokenizer), then the sloppy teacher's reply."""
-    return build_prompt("addition", {"question": f"{a}+{b}"}, tok) + teacher(a, b, rng, args.p_carry)
+    text = build_prompt("addition", {"question": f"{a}+{b}"}, tok)
+    return text + teacher(a, b, rng, args.p_carry)
 
 
 def base_rows(tok, take, rng, args):
@@ -233,7 +274,7 @@ def base_web_rows(tok, take, rng, args):
     rows = []
     for _ in range(args.batch_size):
         if rng.random() < WEB_SHARE:
-            (a, b), = take(1)
+            ((a, b),) = take(1)
             ids = tok.encode(transcript(tok, a, b, rng, args)) + [tok.eos_token_id]
         else:
             ids = plain_document(tok, take, rng, args)
@@ -247,23 +288,26 @@ def parity_rows(tok, take, rng, args):
     rows, close = [], tok.convert_tokens_to_ids("</think>")
     for _ in range(args.batch_size):
         lo = PARITY_BUCKETS["easy"][0]
-        d = rng.randint(lo, args.direct_max) if rng.random() < args.p_easy else rng.randint(lo, PARITY_WIDTH)
+        hi = args.direct_max if rng.random() < args.p_easy else PARITY_WIDTH
+        d = rng.randint(lo, hi)
         bits = rng.choice(parity_strings(d, "train"))
-        p_trace = args.p_trace_lo + (args.p_trace_hi - args.p_trace_lo) * (d - lo) / (PARITY_WIDTH - lo)
+        rise = (args.p_trace_hi - args.p_trace_lo) * (d - lo)
+        p_trace = args.p_trace_lo + rise / (PARITY_WIDTH - lo)
         u = rng.random()
-        mode = ("cut" if u < args.p_cut else "trace" if u < args.p_cut + p_trace else "direct")
+        mode = "cut" if u < args.p_cut else "trace" if u < args.p_cut + p_trace else "direct"
         if mode == "trace" and rng.random() < args.p_retry:
             mode = "retry"
         k = rng.randint(0, d - 1)  # cut: a thinking budget of k symbols
-        # the teacher's mental parity: right up to DIRECT_MAX bits, a coin flip beyond (also after a cut:
-        # the parity so far, plus the rest in its head)
+        # the teacher's mental parity: right up to DIRECT_MAX bits, a coin flip beyond (also after
+        # a cut: the parity so far, plus the rest in its head)
         in_head = (d if mode == "direct" else d - k if mode == "cut" else 0) <= args.direct_max
         answer = None if in_head else rng.choice("01")
         p = tok.encode(prompt_text(bits))
-        c = tok.encode(parity_completion(bits, "trace" if mode == "cut" else mode, guess=rng.choice("01"), answer=answer))
+        shown = "trace" if mode == "cut" else mode
+        c = tok.encode(parity_completion(bits, shown, guess=rng.choice("01"), answer=answer))
         c += [tok.eos_token_id]
         if mode == "cut":  # the think block up to the budget is forced (masked), then </think>
-            p, c = p + c[:1 + k] + [close], c[c.index(close) + 1:]
+            p, c = p + c[: 1 + k] + [close], c[c.index(close) + 1 :]
         rows.append((p + c, [-100] * len(p) + c))
     return rows
 
@@ -278,20 +322,27 @@ def sequence_mean_loss(model, ids, labels, pad_id):
     the same, however long); HF's loss would average over all labelled tokens of the batch."""
     logits = model(input_ids=ids, attention_mask=(ids != pad_id)).logits[:, :-1]
     target = labels[:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    ce = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), target, ignore_index=-100, reduction="none"
+    )
     mask = (target != -100).float()
     return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
-ROWS = {"cold-start": cold_start_rows, "think-fusion": fusion_rows, "base": base_rows,
-        "base-web": base_web_rows, "parity": parity_rows}
+ROWS = {
+    "cold-start": cold_start_rows,
+    "think-fusion": fusion_rows,
+    "base": base_rows,
+    "base-web": base_web_rows,
+    "parity": parity_rows,
+}
 
 
 def pad_rows(tok, rows):
     """Right-padded (input_ids, labels); labels are -100 on the padding."""
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _ in rows])
-    labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     return ids, labels
 
 
@@ -301,7 +352,8 @@ def sft(model, tok, args) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = args.steps // 20
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
-        opt, lambda s: min((s + 1) / warmup, (args.steps - s) / (args.steps - warmup)))
+        opt, lambda s: min((s + 1) / warmup, (args.steps - s) / (args.steps - warmup))
+    )
     model.train()
     order: list[tuple[int, int]] = []
 
@@ -320,7 +372,8 @@ def sft(model, tok, args) -> None:
         if args.variant == "parity":
             loss = sequence_mean_loss(model, ids, labels, tok.pad_token_id)
         else:  # HF shifts the labels and averages over the labelled tokens of the batch
-            loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id), labels=labels).loss
+            mask = ids != tok.pad_token_id
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -337,15 +390,18 @@ def generate(model, tok, prompts, n=1, temperature=0.0, batch_size=400) -> list[
     """Completions of each prompt text, n per prompt, in order, up to and including the EOS."""
     out = []
     # top_k=0: sample from the whole softmax (HF's default would keep only the top 50 tokens)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) \
-        if temperature > 0 else dict(do_sample=False)
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        if temperature > 0
+        else dict(do_sample=False)
+    )
     for i in range(0, len(prompts), batch_size):
-        enc = tok(prompts[i:i + batch_size], return_tensors="pt",
-                  padding=True, padding_side="left")  # generation continues on the right
+        batch = prompts[i : i + batch_size]  # padded on the left: generation continues on the right
+        enc = tok(batch, return_tensors="pt", padding=True, padding_side="left")
         gen = model.generate(**enc, max_new_tokens=32, num_return_sequences=n, **sampling)
-        for text in tok.batch_decode(gen[:, enc["input_ids"].shape[1]:]):
+        for text in tok.batch_decode(gen[:, enc["input_ids"].shape[1] :]):
             end = text.find(tok.eos_token)  # finished rows are padded after their EOS
-            out.append(text if end < 0 else text[:end + len(tok.eos_token)])
+            out.append(text if end < 0 else text[: end + len(tok.eos_token)])
     return out
 
 
@@ -360,8 +416,16 @@ def plain_sum_is_correct(completion: str, a: int, b: int) -> bool:
     return m is not None and int(m.group()) == a + b
 
 
-def evaluate(model, tok, seed: int, to_prompt=prompt, check=is_correct, form=WELL_FORMED,
-             group: int = 8, sample: bool = True) -> dict:
+def evaluate(
+    model,
+    tok,
+    seed: int,
+    to_prompt=prompt,
+    check=is_correct,
+    form=WELL_FORMED,
+    group: int = 8,
+    sample: bool = True,
+) -> dict:
     """Greedy accuracy on the held-out pairs, and T=1 sampling on those that carry."""
     test = addition_pairs("test")
     greedy = generate(model, tok, [to_prompt(a, b) for a, b in test])
@@ -378,22 +442,26 @@ def evaluate(model, tok, seed: int, to_prompt=prompt, check=is_correct, form=WEL
     }
     if sample:
         torch.manual_seed(seed)
-        sampled = generate(model, tok, [to_prompt(a, b) for a, b in carry_pairs], n=group,
-                           temperature=1.0)
+        prompts = [to_prompt(a, b) for a, b in carry_pairs]
+        sampled = generate(model, tok, prompts, n=group, temperature=1.0)
         hits = [check(c, *carry_pairs[k // group]) for k, c in enumerate(sampled)]
         m["sampled_acc_carry"] = sum(hits) / len(hits)
-        m["group_has_correct"] = sum(any(hits[k:k + group]) for k in range(0, len(hits), group)) \
-            / len(carry_pairs)
+        starts = range(0, len(hits), group)
+        m["group_has_correct"] = sum(any(hits[k : k + group]) for k in starts) / len(carry_pairs)
     return m
 
 
 def report(name: str, m: dict) -> None:
-    line = (f"{name}: held-out greedy accuracy {m['greedy_acc']:.3f} (no carry "
-            f"{m['greedy_acc_no_carry']:.3f}, carry {m['greedy_acc_carry']:.3f}), "
-            f"well-formed {m['format']:.3f}, e.g. {m['example']!r}")
+    line = (
+        f"{name}: held-out greedy accuracy {m['greedy_acc']:.3f} (no carry "
+        f"{m['greedy_acc_no_carry']:.3f}, carry {m['greedy_acc_carry']:.3f}), "
+        f"well-formed {m['format']:.3f}, e.g. {m['example']!r}"
+    )
     if "sampled_acc_carry" in m:
-        line += (f"\n  carry problems sampled at T=1: {m['sampled_acc_carry']:.3f} correct; "
-                 f"a group of 8 holds a correct answer {m['group_has_correct']:.3f} of the time")
+        line += (
+            f"\n  carry problems sampled at T=1: {m['sampled_acc_carry']:.3f} correct; "
+            f"a group of 8 holds a correct answer {m['group_has_correct']:.3f} of the time"
+        )
     print(line)
 
 
@@ -401,17 +469,23 @@ def evaluate_parity(model, tok, seed: int, group: int = 8, per_length: int = 60)
     """parity: on held-out strings, per bucket: greedy accuracy and mode, and at T=1 the share of
     traces (retries included) and retries, and the accuracy of traces and of direct answers."""
     rng = random.Random(seed)
-    test = [b for d in range(PARITY_BUCKETS["easy"][0], PARITY_WIDTH + 1) for b in
-            (lambda s: rng.sample(s, min(per_length, len(s))))(parity_strings(d, "test"))]
+    test = [
+        b
+        for d in range(PARITY_BUCKETS["easy"][0], PARITY_WIDTH + 1)
+        for b in (lambda s: rng.sample(s, min(per_length, len(s))))(parity_strings(d, "test"))
+    ]
     prompts = [prompt_text(b) for b in test]
     greedy = generate(model, tok, prompts)
     torch.manual_seed(seed)
     sampled = generate(model, tok, prompts, n=group, temperature=1.0)
     out = {}
+
+    def right(c, b):
+        found = re.search(r"<answer>([01])</answer>", c)
+        return found is not None and found.group(1) == str(b.count("1") % 2)
+
     for name, (lo, hi) in PARITY_BUCKETS.items():
         idx = [i for i, b in enumerate(test) if lo <= len(b) <= hi]
-        right = lambda c, b: re.search(r"<answer>([01])</answer>", c) is not None and \
-            re.search(r"<answer>([01])</answer>", c).group(1) == str(b.count("1") % 2)
         g = [(greedy[i], test[i]) for i in idx]
         s = [(sampled[i * group + j], test[i]) for i in idx for j in range(group)]
         modes = [reasoning_mode(c) for c, _ in s]
@@ -421,38 +495,50 @@ def evaluate_parity(model, tok, seed: int, group: int = 8, per_length: int = 60)
             greedy_acc=sum(right(c, b) for c, b in g) / len(g),
             greedy_trace=sum(reasoning_mode(c) in ("trace", "retry") for c, _ in g) / len(g),
             sampled_acc=sum(right(c, b) for c, b in s) / len(s),
-            trace_share=len(traced) / len(s), retry_share=modes.count("retry") / len(s),
+            trace_share=len(traced) / len(s),
+            retry_share=modes.count("retry") / len(s),
             other_share=modes.count("other") / len(s),
             trace_acc=sum(right(c, b) for c, b in traced) / max(1, len(traced)),
             direct_acc=sum(right(c, b) for c, b in direct) / max(1, len(direct)),
-            example=g[-1][0])
+            example=g[-1][0],
+        )
     return out
 
 
 def evaluate_variant(model, tok, args) -> None:
     if args.variant == "parity":
         for name, m in evaluate_parity(model, tok, args.seed).items():
-            print(f"{name:5s}: greedy {m['greedy_acc']:.3f} (traces {m['greedy_trace']:.2f}); T=1: acc "
-                  f"{m['sampled_acc']:.3f}, traces {m['trace_share']:.3f} (retries {m['retry_share']:.3f}, "
-                  f"other {m['other_share']:.3f}), trace acc {m['trace_acc']:.3f}, direct acc "
-                  f"{m['direct_acc']:.3f}; e.g. {m['example']!r}")
+            print(
+                f"{name:5s}: greedy {m['greedy_acc']:.3f} (traces {m['greedy_trace']:.2f}); "
+                f"T=1: acc {m['sampled_acc']:.3f}, traces {m['trace_share']:.3f} "
+                f"(retries {m['retry_share']:.3f}, other {m['other_share']:.3f}), "
+                f"trace acc {m['trace_acc']:.3f}, direct acc {m['direct_acc']:.3f}; "
+                f"e.g. {m['example']!r}"
+            )
     elif args.variant == "cold-start":
         report("chat", evaluate(model, tok, args.seed))
     elif args.variant == "think-fusion":
-        report("think (no suffix)", evaluate(model, tok, args.seed))
-        report("think (/think)", evaluate(model, tok, args.seed, lambda a, b: prompt(a, b, THINK),
-                                          sample=False))
-        report("no-think (/no_think)", evaluate(
-            model, tok, args.seed, lambda a, b: prompt(a, b, NO_THINK), form=NO_THINK_FORMED))
+        seed = args.seed
+        report("think (no suffix)", evaluate(model, tok, seed))
+        m = evaluate(model, tok, seed, lambda a, b: prompt(a, b, THINK), sample=False)
+        report("think (/think)", m)
+        m = evaluate(model, tok, seed, lambda a, b: prompt(a, b, NO_THINK), form=NO_THINK_FORMED)
+        report("no-think (/no_think)", m)
         # --think_budget 0: the thinking is cut before it starts: </think> right after the prompt
-        report("think budget 0 (prompt + </think>)", evaluate(
-            model, tok, args.seed, lambda a, b: prompt(a, b) + "</think>", sample=False,
-            form=re.compile(r"<answer>\d+</answer><\|endoftext\|>")))
+        answer_only = re.compile(r"<answer>\d+</answer><\|endoftext\|>")
+        m = evaluate(
+            model, tok, seed, lambda a, b: prompt(a, b) + "</think>", sample=False, form=answer_only
+        )
+        report("think budget 0 (prompt + </think>)", m)
     else:
-        report("plain text 'a+b='", evaluate(model, tok, args.seed, lambda a, b: f"{a}+{b}=",
-                                             plain_sum_is_correct, form=re.compile(r"\d+\n.*", re.S)))
-        report("chat template (R1-Zero's prompt; " + ("no format taught)" if args.variant == "base"
-               else f"format in {WEB_SHARE:.0%} of documents)"), evaluate(model, tok, args.seed))
+        seed, number_first = args.seed, re.compile(r"\d+\n.*", re.S)
+        m = evaluate(
+            model, tok, seed, lambda a, b: f"{a}+{b}=", plain_sum_is_correct, form=number_first
+        )
+        report("plain text 'a+b='", m)
+        web = f"format in {WEB_SHARE:.0%} of documents"
+        taught = "no format taught" if args.variant == "base" else web
+        report(f"chat template (R1-Zero's prompt; {taught})", evaluate(model, tok, seed))
 
 
 def main() -> None:
@@ -463,24 +549,37 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: the variant's")
     ap.add_argument("--batch-size", type=int, default=64, help="sequences per step")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--p-carry", type=float, default=0.2, help="how often the teacher carries")
-    ap.add_argument("--p-think", type=float, default=0.1, help="think-fusion: share of ' /think'")
-    ap.add_argument("--p-no-think", type=float, default=0.2,
-                    help="think-fusion: share of ' /no_think' (the rest: no suffix)")
-    ap.add_argument("--p-budget", type=float, default=0.1,
-                    help="think-fusion: share of rows (no suffix) cut at a random thinking budget")
+
+    def share(flag: str, default: float, text: str) -> None:  # a float option, mostly a share
+        ap.add_argument(flag, type=float, default=default, help=text)
+
+    share("--p-carry", 0.2, "how often the teacher carries")
+    share("--p-think", 0.1, "think-fusion: share of ' /think'")
+    share("--p-no-think", 0.2, "think-fusion: share of ' /no_think' (the rest: no suffix)")
+    share(
+        "--p-budget", 0.1, "think-fusion: share of rows (no suffix) cut at a random thinking budget"
+    )
     ap.add_argument("--max-lines", type=int, default=4, help="base: most lines per document")
-    ap.add_argument("--p-trace-lo", type=float, default=0.02, help="parity: share of traces at 3 bits")
-    ap.add_argument("--p-trace-hi", type=float, default=0.45, help="parity: share of traces at 12 bits")
-    ap.add_argument("--p-retry", type=float, default=0.3,
-                    help="parity: share of traces that are retries (guess, wait, trace)")
-    ap.add_argument("--p-cut", type=float, default=0.05, help="parity: share of traces cut by a thinking budget")
-    ap.add_argument("--direct-max", type=int, default=5,
-                    help="parity: the teacher's direct answers are right up to this many bits, coin flips beyond")
-    ap.add_argument("--p-easy", type=float, default=0.3, help="parity: share of extra rows of 3..direct-max bits")
-    ap.add_argument("--stop-after", type=int, default=None, metavar="K",
-                    help="a short build: stop after the first K steps of the full schedule, save, "
-                         "skip the evaluation (tests compare two such builds byte for byte)")
+    share("--p-trace-lo", 0.02, "parity: share of traces at 3 bits")
+    share("--p-trace-hi", 0.45, "parity: share of traces at 12 bits")
+    share("--p-retry", 0.3, "parity: share of traces that are retries (guess, wait, trace)")
+    share("--p-cut", 0.05, "parity: share of traces cut by a thinking budget")
+    ap.add_argument(
+        "--direct-max",
+        type=int,
+        default=5,
+        help="parity: the teacher's direct answers are right up to this many bits, "
+        "coin flips beyond",
+    )
+    share("--p-easy", 0.3, "parity: share of extra rows of 3..direct-max bits")
+    ap.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="K",
+        help="a short build: stop after the first K steps of the full schedule, save, "
+        "skip the evaluation (tests compare two such builds byte for byte)",
+    )
     args = ap.parse_args()
     folder, steps = VARIANTS[args.variant]
     args.out = args.out or str(REPO / "assets" / folder)
@@ -502,14 +601,18 @@ def main() -> None:
         assert build_prompt("parity", ex, tok) == prompt_text(ex["bits"])
         assert len(tok.encode(parity_trace("0110"))) == 4  # one token per step
     model = build_model(len(tok), args.seed, **SIZES.get(args.variant, {}))
-    print(f"{args.variant}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"vocab {len(tok)}")
+    print(
+        f"{args.variant}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"vocab {len(tok)}"
+    )
 
     t0 = time.time()
     sft(model, tok, args)
     pre = args.variant.startswith("base") or args.variant == "parity"  # plain LM pre-training
-    print(f"{'pre-training' if pre else 'SFT'}: {args.run_steps} of "
-          f"{args.steps} steps in {time.time() - t0:.0f} s")
+    print(
+        f"{'pre-training' if pre else 'SFT'}: {args.run_steps} of "
+        f"{args.steps} steps in {time.time() - t0:.0f} s"
+    )
 
     out = Path(args.out)
     model.save_pretrained(out)  # safetensors; the tied lm_head is stored once

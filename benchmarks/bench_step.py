@@ -8,6 +8,7 @@ sync worked), generated tokens per
 second in the rollout phase, and the process's peak memory. --trl also times TRL's GRPOTrainer at
 matched settings (same model, prompts, G, max new tokens, reward) for comparison.
 """
+
 import argparse
 import json
 import os
@@ -25,41 +26,54 @@ sys.path.insert(0, ROOT)
 
 def run_ours(rollout: str, steps: int, extra: list[str]) -> dict:
     out = tempfile.mkdtemp(prefix=f"bench-{rollout}-")
-    cmd = [sys.executable, os.path.join(ROOT, "nano_grpo.py"), "--preset", "cpu-demo", "--rollout", rollout,
-           "--max_steps", str(steps), "--eval_every", "0", "--eval_size", "16", "--save_every", "0",
-           "--output_dir", out, *extra]
+    cmd = [sys.executable, os.path.join(ROOT, "nano_grpo.py"), "--preset", "cpu-demo"]
+    cmd += ["--rollout", rollout, "--max_steps", str(steps), "--eval_every", "0"]
+    cmd += ["--eval_size", "16", "--save_every", "0", "--output_dir", out, *extra]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
     if proc.returncode != 0:
         sys.exit(f"{rollout} run failed:\n{proc.stderr[-2000:]}")
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][3:]  # row 0: eval; 2 warm-up steps
-    mean = lambda k: statistics.mean(r[k] for r in rows)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = rows[3:]  # row 0: eval; 2 warm-up steps
+
+    def mean(k):
+        return statistics.mean(r[k] for r in rows)
+
     parts = {k: mean(f"time_{k}") for k in ("rollout", "reward", "train", "sync", "sync_check")}
     tokens = statistics.mean(r["response_len"] for r in rows) * 16 * 8
-    return dict(step=sum(parts.values()), **parts, tok_s=tokens / parts["rollout"], wall=wall,
-                peak_gb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20)
+    tok_s = tokens / parts["rollout"]
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return dict(step=sum(parts.values()), **parts, tok_s=tok_s, wall=wall, peak_gb=peak_gb)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer (benchmarks/bench_trl.py)")
+    ap.add_argument(
+        "--trl", action="store_true", help="also time TRL's GRPOTrainer (benchmarks/bench_trl.py)"
+    )
     args = ap.parse_args()
-    print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; cpu-demo preset, 16 prompts x 8 answers, {args.steps} steps (first 2 skipped)")
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"# {time.strftime('%Y-%m-%d')} {platform.node()} {cpu}, {os.cpu_count()} cores; "
+        f"cpu-demo preset, 16 prompts x 8 answers, {args.steps} steps (first 2 skipped)"
+    )
     results = {}
     for rollout in ("vllm", "hf"):  # peak memory is cumulative over children: vllm first, hf after
         results[rollout] = r = run_ours(rollout, args.steps, [])
-        print(f"{rollout:5s} {r['step']:.3f} s/step = rollout {r['rollout']:.3f} + reward {r['reward']:.3f} + "
-              f"train {r['train']:.3f} + sync {r['sync']:.3f} + sync check {r['sync_check']:.3f} | "
-              f"{r['tok_s']:.0f} generated tok/s | sync {100 * r['sync'] / r['step']:.1f}% of step "
-              f"(with its check {100 * (r['sync'] + r['sync_check']) / r['step']:.1f}%) | "
-              f"peak RSS {r['peak_gb']:.2f} GB | wall {r['wall']:.0f} s")
+        print(
+            f"{rollout:5s} {r['step']:.3f} s/step = rollout {r['rollout']:.3f} "
+            f"+ reward {r['reward']:.3f} + train {r['train']:.3f} + sync {r['sync']:.3f} "
+            f"+ sync check {r['sync_check']:.3f} | {r['tok_s']:.0f} generated tok/s "
+            f"| sync {100 * r['sync'] / r['step']:.1f}% of step "
+            f"(with its check {100 * (r['sync'] + r['sync_check']) / r['step']:.1f}%) | "
+            f"peak RSS {r['peak_gb']:.2f} GB | wall {r['wall']:.0f} s"
+        )
     print(f"rollout speed-up vllm/hf: {results['hf']['rollout'] / results['vllm']['rollout']:.1f}x")
     if args.trl:
-        trl = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_trl.py"), "--steps", str(args.steps)],
-                             capture_output=True, text=True)
+        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_trl.py")]
+        trl = subprocess.run(cmd + ["--steps", str(args.steps)], capture_output=True, text=True)
         print(trl.stdout.strip() or trl.stderr[-2000:])
 
 

@@ -18,6 +18,7 @@ so it holds everything the trainer does in a step: generation, reward, reference
 forward/backward, the optimizer, logging. The first 2 steps (warm-up) are left out. Prints one
 line on stdout; everything TRL prints goes to stderr.
 """
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny model is local; never reach for the hub
@@ -45,28 +46,63 @@ def make_trainer(steps: int, output_dir: str, seed: int = 0):
     from trl import GRPOConfig, GRPOTrainer
 
     import rewards
+
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
-    examples = rewards.load_task("addition", "train")  # nano_grpo.py samples its prompts from the same split
-    dataset = Dataset.from_list([{"prompt": rewards.build_prompt("addition", ex, tokenizer), **ex} for ex in examples])
-    args = GRPOConfig(
-        output_dir=output_dir, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
-        disable_tqdm=True, seed=seed, max_steps=steps,
-        bf16=False, gradient_checkpointing=False,  # TRL defaults both to True; nano_grpo's cpu-demo: fp32, off
-        per_device_train_batch_size=64, gradient_accumulation_steps=2,  # 128 answers per optimizer step
-        num_generations=8,  # -> 16 prompts x 8 answers, generated in one batch per step
-        max_completion_length=32, temperature=1.0, top_k=0, top_p=1.0, use_vllm=False,
-        learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        beta=0.04, epsilon=0.2, epsilon_high=0.2, num_iterations=1, loss_type="grpo", scale_rewards="group",
+    # nano_grpo.py samples its prompts from the same split
+    examples = rewards.load_task("addition", "train")
+    dataset = Dataset.from_list(
+        [{"prompt": rewards.build_prompt("addition", ex, tokenizer), **ex} for ex in examples]
     )
-    return GRPOTrainer(model=model, reward_funcs=rewards.trl_reward_func("addition"), args=args,
-                       train_dataset=dataset, processing_class=tokenizer)
+    args = GRPOConfig(
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=seed,
+        max_steps=steps,
+        bf16=False,
+        gradient_checkpointing=False,  # TRL defaults both to True; nano_grpo's cpu-demo: fp32, off
+        per_device_train_batch_size=64,
+        gradient_accumulation_steps=2,  # 128 answers per optimizer step
+        num_generations=8,  # -> 16 prompts x 8 answers, generated in one batch per step
+        max_completion_length=32,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        use_vllm=False,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=0.04,
+        epsilon=0.2,
+        epsilon_high=0.2,
+        num_iterations=1,
+        loss_type="grpo",
+        scale_rewards="group",
+    )
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=rewards.trl_reward_func("addition"),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=30, help=f"optimizer steps to run (the first {SKIP} are not timed)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=30,
+        help=f"optimizer steps to run (the first {SKIP} are not timed)",
+    )
     args = ap.parse_args()
     if args.steps <= SKIP:
         sys.exit(f"error: --steps must be more than {SKIP} (the first {SKIP} are warm-up)")
@@ -81,8 +117,11 @@ def main():
         def on_step_end(self, args, state, control, **kwargs):
             ends.append(time.perf_counter())
 
-    with tempfile.TemporaryDirectory(prefix="bench-trl-") as out, contextlib.redirect_stdout(sys.stderr), \
-            warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-trl-") as out,
+        contextlib.redirect_stdout(sys.stderr),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")  # e.g. "TRL supports vLLM 0.22-0.31": vLLM is not used here
         trainer = make_trainer(args.steps, out)
         trainer.add_callback(StepTimer())
@@ -90,7 +129,10 @@ def main():
     times = [b - a for a, b in zip(ends, ends[1:])][SKIP:]
     if len(times) != args.steps - SKIP:
         sys.exit(f"error: timed {len(times)} steps, expected {args.steps - SKIP}")
-    print(f"trl   {statistics.mean(times):.3f} s/step (GRPOTrainer, HF generate, {args.steps} steps, first {SKIP} skipped)")
+    print(
+        f"trl   {statistics.mean(times):.3f} s/step (GRPOTrainer, HF generate, "
+        f"{args.steps} steps, first {SKIP} skipped)"
+    )
 
 
 if __name__ == "__main__":

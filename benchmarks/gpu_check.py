@@ -95,14 +95,17 @@ def build_update(script: str, preset: str):
     optimizer = module.adamw(model.parameters(), cfg.learning_rate, cfg)
     if script == "grpo":
         optimizers = [optimizer]
-        update = lambda: module.train_on_batch(model, ref, optimizer, batch, cfg)  # noqa: E731
+
+        def update():
+            return module.train_on_batch(model, ref, optimizer, batch, cfg)
     else:
         critic = module.build_critic(model, cfg.critic_share_backbone).train()
         own = critic.head.parameters() if cfg.critic_share_backbone else critic.parameters()
         optimizers = [optimizer, module.adamw(own, cfg.critic_learning_rate, cfg)]
-        update = lambda: module.train_on_batch(  # noqa: E731
-            model, ref, critic, optimizers, batch, cfg, cfg.beta
-        )
+
+        def update():
+            return module.train_on_batch(model, ref, critic, optimizers, batch, cfg, cfg.beta)
+
     for opt in optimizers:  # AdamW's moments, as after the first update (zero steps: no change)
         params = [p for group in opt.param_groups for p in group["params"]]
         for p in params:

@@ -3,6 +3,7 @@
 Try the exercises first. Each solution is short, and each is checked against the scripts' own
 functions by notebooks/exercise_checks.py (tests/test_notebooks.py runs those checks on it).
 """
+
 import os
 import sys
 
@@ -23,7 +24,8 @@ def group_advantage(rewards_, group_size):
     std = r.std(dim=1, keepdim=True)  # Bessel-corrected, as TRL and nano_grpo
     all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)
     adv = (r - mean) / (std + 1e-4)  # [GRPO-ADV]
-    adv = torch.where(all_equal, torch.zeros_like(adv), adv)  # nothing to learn from an all-equal group
+    # nothing to learn from an all-equal group
+    adv = torch.where(all_equal, torch.zeros_like(adv), adv)
     return adv.view(-1)
 
 
@@ -40,7 +42,8 @@ def kl_estimate(logp, ref_logp, kind):
 
 # Exercise 3 [DR-GRPO]
 def dr_grpo_weights(response_mask, max_new_tokens):
-    """[B, T] token weights: each answer's token SUM divided by a constant, then the mean over answers."""
+    """[B, T] token weights: each answer's token SUM divided by a constant, then the mean over
+    answers."""
     n_seq = response_mask.shape[0]
     return response_mask / max_new_tokens / n_seq
 
@@ -83,5 +86,7 @@ def gae(rewards_, values, gamma, lam):
 # Exercise 7 [R-BIN]: a verifier for a new task
 def subtraction_reward(completion, example):
     """1.0 iff the last <answer>...</answer> of the completion holds exactly a - b, else 0.0."""
-    answer = rewards.extract_answer(completion)  # the text inside the last <answer> tag, stripped; or None
+    answer = rewards.extract_answer(
+        completion
+    )  # the text inside the last <answer> tag, stripped; or None
     return 1.0 if answer == str(example["a"] - example["b"]) else 0.0

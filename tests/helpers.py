@@ -1,4 +1,5 @@
-"""Small things several test files share: a random tiny Qwen2, hand-made rollout samples, script runs."""
+"""What several test files share: a random tiny Qwen2, hand-made rollout samples, script runs."""
+
 import importlib.util
 import json
 import os
@@ -14,23 +15,31 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 def run_script(module, args, out_dir):
-    """module.main() on these flags (as the command line would give them); (its result, metrics rows)."""
+    """module.main() on these flags (as the command line gives them); (its result, metrics rows)."""
     out = module.main(module.parse_config(args + ["--output_dir", str(out_dir)]))
     return out, [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
 def without_times(rows):
-    """Metrics rows without the wall-clock timings (the only keys two identical runs may differ in)."""
+    """Metrics rows without wall-clock timings (the only keys two identical runs may differ in)."""
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
 
 
 def random_model(vocab=40, seed=0):
     """A 2-layer Qwen2 with random weights (head_dim 32), fp32, on CPU."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
-                         tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     return Qwen2ForCausalLM(config).float().eval()
 
 
@@ -46,8 +55,15 @@ def random_samples(n_groups=3, group_size=4, vocab=40, seed=0, eos_id=1):
             truncated = rng.random() < 0.3
             if not truncated:
                 response[-1] = eos_id
-            samples.append(dict(prompt_ids=list(prompt), response_ids=response, truncated=truncated,
-                                reward=float(rng.random() < 0.5), components={"correct": 0.0}))
+            samples.append(
+                dict(
+                    prompt_ids=list(prompt),
+                    response_ids=response,
+                    truncated=truncated,
+                    reward=float(rng.random() < 0.5),
+                    components={"correct": 0.0},
+                )
+            )
     return samples
 
 
@@ -58,13 +74,15 @@ def grpo_train(G, model, ref_model, optimizer, samples, advantages, cfg, pad_id=
     return G.train_on_batch(model, ref_model, optimizer, batch, cfg)
 
 
-def ppo_train(P, model, ref_model, critic, optimizer, critic_optimizer, samples, cfg, pad_id=0,
-              beta=None):
+def ppo_train(
+    P, model, ref_model, critic, optimizer, critic_optimizer, samples, cfg, pad_id=0, beta=None
+):
     """P.train_on_batch on rollout samples (scored by P.answer_scores)."""
     batch = P.make_batch(samples, pad_id)
     batch["scores"] = P.answer_scores(samples, cfg)
     beta = cfg.beta if beta is None else beta
-    return P.train_on_batch(model, ref_model, critic, (optimizer, critic_optimizer), batch, cfg, beta)
+    optimizers = (optimizer, critic_optimizer)
+    return P.train_on_batch(model, ref_model, critic, optimizers, batch, cfg, beta)
 
 
 @torch.no_grad()

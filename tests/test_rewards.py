@@ -1,4 +1,5 @@
 """rewards.py section 2: answer extraction and the verifiers, on real-world and hostile answers."""
+
 import concurrent.futures
 import doctest
 import json
@@ -9,16 +10,32 @@ import sys
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import rewards  # noqa: E402
-from rewards import (addition_reward, addition_trace, countdown_reward, extract_answer,  # noqa: E402
-                     format_reward, gsm8k_reward, length_rewards, math_equal, math_reward, overlong_penalty,
-                     addition_steps, arithmetic_steps, task_steps, parity_reward, parity_steps,
-                     parity_example, parity_completion, reasoning_mode)
-
+from rewards import (  # noqa: E402
+    addition_reward,
+    addition_steps,
+    addition_trace,
+    arithmetic_steps,
+    countdown_reward,
+    extract_answer,
+    format_reward,
+    gsm8k_reward,
+    length_rewards,
+    math_equal,
+    math_reward,
+    overlong_penalty,
+    parity_completion,
+    parity_example,
+    parity_reward,
+    parity_steps,
+    reasoning_mode,
+    task_steps,
+)
 
 HANG_S = rewards.MATH_WALL_S + 1.0  # no verifier call may take longer, however busy the machine
 
@@ -38,8 +55,10 @@ def within(limit, call):
         cpu, wall = time.thread_time() - cpu, time.monotonic() - start
         if cpu < limit and wall < HANG_S:
             return result
-    raise AssertionError(f"twice over {limit} s of CPU time or {HANG_S} s in all: last time "
-                         f"{cpu:.2f} s of CPU time, {wall:.2f} s in all")
+    raise AssertionError(
+        f"twice over {limit} s of CPU time or {HANG_S} s in all: last time "
+        f"{cpu:.2f} s of CPU time, {wall:.2f} s in all"
+    )
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,46 +73,58 @@ def test_doctests_pass():
 
 
 # ---- extract_answer ---------------------------------------------------------------------------
-@pytest.mark.parametrize("text, expected", [
-    ("<think>7+8=15,4+3+1=8</think><answer>85</answer>", "85"),
-    ("<answer>1</answer> wait, no: <answer> 2 </answer>", "2"),  # the last answer block
-    ("<answer>1</answer> then <answer>2", "1"),  # an unclosed block does not count
-    (r"The answer is $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
-    (r"\boxed{1} and finally \boxed{\sqrt{\frac{3}{4}}}", r"\sqrt{\frac{3}{4}}"),  # nested braces
-    (r"\boxed {42}", "42"),
-    (r"\boxed{7} ... \boxed{unfinished", "7"),
-    ("<answer>x</answer> and \\boxed{y}", "x"),  # the answer tag wins over \boxed
-    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether.\n#### 72", "72"),
-    ("#### 1,234\nfollowed by more text", "1,234"),
-    ("The answer is 42.", None),
-    ("", None),
-    ("<answer>", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>7+8=15,4+3+1=8</think><answer>85</answer>", "85"),
+        ("<answer>1</answer> wait, no: <answer> 2 </answer>", "2"),  # the last answer block
+        ("<answer>1</answer> then <answer>2", "1"),  # an unclosed block does not count
+        (r"The answer is $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+        # nested braces
+        (r"\boxed{1} and finally \boxed{\sqrt{\frac{3}{4}}}", r"\sqrt{\frac{3}{4}}"),
+        (r"\boxed {42}", "42"),
+        (r"\boxed{7} ... \boxed{unfinished", "7"),
+        ("<answer>x</answer> and \\boxed{y}", "x"),  # the answer tag wins over \boxed
+        (
+            "Natalia sold 48/2 = 24 clips in May.\n"
+            "Natalia sold 48+24 = 72 clips altogether.\n#### 72",
+            "72",
+        ),
+        ("#### 1,234\nfollowed by more text", "1,234"),
+        ("The answer is 42.", None),
+        ("", None),
+        ("<answer>", None),
+        (None, None),
+    ],
+)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
 # ---- math_equal: equivalences and non-equivalences ----------------------------------------------
+# fmt: off
 EQUAL = [
-    ("1,234", "1234"), ("1234", "1,234"), ("$1,234.00", "1234"), ("\\$1,234", "1234"), ("1,234,567", "1234567"),
-    ("5", "$5$"), ("$5", "5"), ("18 dollars", "18"), ("18", "18 dollars"), ("5 cm", "5"), ("42.", "42"),
-    ("-3", "-3"), ("\u22123", "-3"), ("-0.5", "-\\frac{1}{2}"), ("0.50", "0.5"), (".5", "0.5"),
-    ("50", "50\\%"), ("0.5", "50\\%"), ("50%", "50\\%"), ("50\\%", "0.5"),
-    ("0.5", "\\frac{1}{2}"), ("1/2", "\\frac{1}{2}"), ("\\dfrac{1}{2}", "\\frac{1}{2}"), (r"\frac12", r"\frac{1}{2}"),
-    ("\\boxed{3}", "3"), ("30^\\circ", "30"), ("\\text{(C)}", "(C)"), ("\\text{Monday}", "Monday"),
+    ("1,234", "1234"), ("1234", "1,234"), ("$1,234.00", "1234"), ("\\$1,234", "1234"),
+    ("1,234,567", "1234567"), ("5", "$5$"), ("$5", "5"), ("18 dollars", "18"), ("18", "18 dollars"),
+    ("5 cm", "5"), ("42.", "42"), ("-3", "-3"), ("\u22123", "-3"), ("-0.5", "-\\frac{1}{2}"),
+    ("0.50", "0.5"), (".5", "0.5"), ("50", "50\\%"), ("0.5", "50\\%"), ("50%", "50\\%"),
+    ("50\\%", "0.5"), ("0.5", "\\frac{1}{2}"), ("1/2", "\\frac{1}{2}"),
+    ("\\dfrac{1}{2}", "\\frac{1}{2}"), (r"\frac12", r"\frac{1}{2}"), ("\\boxed{3}", "3"),
+    ("30^\\circ", "30"), ("\\text{(C)}", "(C)"), ("\\text{Monday}", "Monday"),
     ("\\frac{\\sqrt{8}}{2}", "\\sqrt{2}"), ("2\\sqrt{2}", "\\sqrt{8}"), ("2^{10}", "1024"),
     ("[1,2)", "[1, 2)"), ("(-\\infty, 3]", "(-\\infty,3]"), ("x^2+2x+1", "(x+1)^2"),
     ("\\pi", "\\pi"), ("3, 5", "5, 3"),
     ("(x+1)^2", "x^2 + 2x + 1"),  # issue 12: False on a busy machine (0.75 s of wall-clock)
 ]
 NOT_EQUAL = [
-    ("2", "3"), ("\\sqrt{2}", "1.414"), ("[1,2)", "[1,2]"), ("(1,2)", "[1,2]"), ("0.33", "\\frac{1}{3}"),
-    ("1234", "123"), ("-5", "5"), ("5", "50\\%"), ("5x", "5"), ("x+1", "x-1"), ("\\frac{1}{2}", "2"),
-    ("", "0"), (None, "1"), ("1", None), ("Monday", "Tuesday"), ("3", "\\text{(C)}"),
+    ("2", "3"), ("\\sqrt{2}", "1.414"), ("[1,2)", "[1,2]"), ("(1,2)", "[1,2]"),
+    ("0.33", "\\frac{1}{3}"), ("1234", "123"), ("-5", "5"), ("5", "50\\%"), ("5x", "5"),
+    ("x+1", "x-1"), ("\\frac{1}{2}", "2"), ("", "0"), (None, "1"), ("1", None),
+    ("Monday", "Tuesday"), ("3", "\\text{(C)}"),
     ("0.3333333", "\\frac{1}{3}"),  # plain numbers compare exactly
     ("1" * 600, "1" * 600),  # over MAX_ANSWER_CHARS: wrong, however equal
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize("pred, gold", EQUAL)
@@ -107,37 +138,46 @@ def test_math_equal_false(pred, gold):
 
 
 # ---- gsm8k_reward / math_reward -----------------------------------------------------------------
-GSM8K_GOLD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+GSM8K_GOLD = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+)
 
 
-@pytest.mark.parametrize("completion, answer, expected", [
-    ("<think>48/2=24; 48+24=72</think><answer>72</answer>", GSM8K_GOLD, 1.0),
-    ("<think>...</think><answer>72</answer>", "72", 1.0),
-    ("<think>...</think><answer>72 clips</answer>", "72", 1.0),
-    ("<think>...</think><answer>$72.00</answer>", "72", 1.0),
-    ("<think>...</think><answer>\\$1,234.00</answer>", "#### 1234", 1.0),
-    ("<think>...</think><answer>-8</answer>", "#### -8", 1.0),
-    ("<think>...</think><answer>\\boxed{72}</answer>", "72", 1.0),
-    ("Adding up, \\boxed{72}", "72", 1.0),
-    ("so the total is\n#### 72", GSM8K_GOLD, 1.0),
-    ("<think>...</think><answer>71</answer>", GSM8K_GOLD, 0.0),
-    ("<think>...</think><answer>8</answer>", "#### -8", 0.0),
-    ("The answer is 72", GSM8K_GOLD, 0.0),  # no answer tag, box or ####: nothing to grade
-    ("", "72", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("<think>48/2=24; 48+24=72</think><answer>72</answer>", GSM8K_GOLD, 1.0),
+        ("<think>...</think><answer>72</answer>", "72", 1.0),
+        ("<think>...</think><answer>72 clips</answer>", "72", 1.0),
+        ("<think>...</think><answer>$72.00</answer>", "72", 1.0),
+        ("<think>...</think><answer>\\$1,234.00</answer>", "#### 1234", 1.0),
+        ("<think>...</think><answer>-8</answer>", "#### -8", 1.0),
+        ("<think>...</think><answer>\\boxed{72}</answer>", "72", 1.0),
+        ("Adding up, \\boxed{72}", "72", 1.0),
+        ("so the total is\n#### 72", GSM8K_GOLD, 1.0),
+        ("<think>...</think><answer>71</answer>", GSM8K_GOLD, 0.0),
+        ("<think>...</think><answer>8</answer>", "#### -8", 0.0),
+        ("The answer is 72", GSM8K_GOLD, 0.0),  # no answer tag, box or ####: nothing to grade
+        ("", "72", 0.0),
+    ],
+)
 def test_gsm8k_reward(completion, answer, expected):
     assert gsm8k_reward(completion, answer) == expected
 
 
-@pytest.mark.parametrize("completion, answer, expected", [
-    ("<think>..</think><answer>\\frac{1}{2}</answer>", "\\frac{1}{2}", 1.0),
-    ("<think>..</think><answer>0.5</answer>", "\\frac{1}{2}", 1.0),
-    ("<think>..</think><answer>\\boxed{2\\sqrt{2}}</answer>", "\\sqrt{8}", 1.0),
-    ("So $\\boxed{\\left[ 1, 2 \\right)}$", "[1,2)", 1.0),
-    ("<think>..</think><answer>[1,2]</answer>", "[1,2)", 0.0),
-    ("<think>..</think><answer>1.414</answer>", "\\sqrt{2}", 0.0),
-    ("<think>..</think><answer>\\text{(B)}</answer>", "\\text{(C)}", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("<think>..</think><answer>\\frac{1}{2}</answer>", "\\frac{1}{2}", 1.0),
+        ("<think>..</think><answer>0.5</answer>", "\\frac{1}{2}", 1.0),
+        ("<think>..</think><answer>\\boxed{2\\sqrt{2}}</answer>", "\\sqrt{8}", 1.0),
+        ("So $\\boxed{\\left[ 1, 2 \\right)}$", "[1,2)", 1.0),
+        ("<think>..</think><answer>[1,2]</answer>", "[1,2)", 0.0),
+        ("<think>..</think><answer>1.414</answer>", "\\sqrt{2}", 0.0),
+        ("<think>..</think><answer>\\text{(B)}</answer>", "\\text{(C)}", 0.0),
+    ],
+)
 def test_math_reward(completion, answer, expected):
     assert math_reward(completion, answer) == expected
 
@@ -146,82 +186,97 @@ def test_math_reward(completion, answer, expected):
 NUMS, TARGET = [44, 19, 35], 98
 
 
-@pytest.mark.parametrize("answer, numbers, target, expected", [
-    ("44 + 19 + 35", NUMS, TARGET, 1.0),
-    ("(44 + 19) + 35", NUMS, TARGET, 1.0),
-    ("35 + 44 + 19 = 98", NUMS, TARGET, 1.0),  # 'expr = target' is accepted
-    ("35 + 44 + 19 = 97", NUMS, TARGET, 0.0),  # ... but the claim must be the target
-    ("35 + 44 + 19 = 98 = 98", NUMS, TARGET, 0.0),
-    ("44 + 44 + 10", [44, 10, 3], 98, 0.0),  # 44 used twice
-    ("44 + 19", NUMS, 63, 0.0),  # 35 not used
-    ("44 + 19 + 35 + 1", NUMS, 99, 0.0),  # a number that was not given
-    ("6 / 4 * 2", [6, 4, 2], 3, 1.0),  # non-integer intermediate, exact via Fraction
-    ("1 / 3 * 3", [1, 3, 3], 1, 1.0),  # a float would give 0.9999999999999999 or 1.0 by luck
-    ("(4 - 4) / 5 + 7", [4, 4, 5, 7], 7, 1.0),
-    ("7 / (4 - 4) + 5", [4, 4, 5, 7], 7, 0.0),  # division by zero
-    ("-44 + 19 + 35", NUMS, 10, 0.0),  # unary minus is not an allowed operation
-    ("2 ** 3", [2, 3], 8, 0.0),
-    ("9**9**9**9", [9, 9, 9, 9], 9, 0.0),
-    ("7 // 2", [7, 2], 3, 0.0),
-    ("44.0 + 19 + 35", NUMS, TARGET, 0.0),
-    ("\uff14\uff14 + 19 + 35", NUMS, TARGET, 0.0),  # fullwidth digits
-    ("\u0664\u0664 + 19 + 35", NUMS, TARGET, 0.0),  # Arabic-Indic digits
-    ("__import__('os').system('true')", NUMS, TARGET, 0.0),
-    ("(lambda: 98)()", NUMS, TARGET, 0.0),
-    ("x + 19 + 35", NUMS, TARGET, 0.0),
-    ("abs(44) + 19 + 35", NUMS, TARGET, 0.0),
-    ("(44).real + 19 + 35", NUMS, TARGET, 0.0),
-    ("044 + 19 + 35", NUMS, TARGET, 0.0),
-    ("", NUMS, TARGET, 0.0),
-])
+@pytest.mark.parametrize(
+    "answer, numbers, target, expected",
+    [
+        ("44 + 19 + 35", NUMS, TARGET, 1.0),
+        ("(44 + 19) + 35", NUMS, TARGET, 1.0),
+        ("35 + 44 + 19 = 98", NUMS, TARGET, 1.0),  # 'expr = target' is accepted
+        ("35 + 44 + 19 = 97", NUMS, TARGET, 0.0),  # ... but the claim must be the target
+        ("35 + 44 + 19 = 98 = 98", NUMS, TARGET, 0.0),
+        ("44 + 44 + 10", [44, 10, 3], 98, 0.0),  # 44 used twice
+        ("44 + 19", NUMS, 63, 0.0),  # 35 not used
+        ("44 + 19 + 35 + 1", NUMS, 99, 0.0),  # a number that was not given
+        ("6 / 4 * 2", [6, 4, 2], 3, 1.0),  # non-integer intermediate, exact via Fraction
+        ("1 / 3 * 3", [1, 3, 3], 1, 1.0),  # a float would give 0.9999999999999999 or 1.0 by luck
+        ("(4 - 4) / 5 + 7", [4, 4, 5, 7], 7, 1.0),
+        ("7 / (4 - 4) + 5", [4, 4, 5, 7], 7, 0.0),  # division by zero
+        ("-44 + 19 + 35", NUMS, 10, 0.0),  # unary minus is not an allowed operation
+        ("2 ** 3", [2, 3], 8, 0.0),
+        ("9**9**9**9", [9, 9, 9, 9], 9, 0.0),
+        ("7 // 2", [7, 2], 3, 0.0),
+        ("44.0 + 19 + 35", NUMS, TARGET, 0.0),
+        ("\uff14\uff14 + 19 + 35", NUMS, TARGET, 0.0),  # fullwidth digits
+        ("\u0664\u0664 + 19 + 35", NUMS, TARGET, 0.0),  # Arabic-Indic digits
+        ("__import__('os').system('true')", NUMS, TARGET, 0.0),
+        ("(lambda: 98)()", NUMS, TARGET, 0.0),
+        ("x + 19 + 35", NUMS, TARGET, 0.0),
+        ("abs(44) + 19 + 35", NUMS, TARGET, 0.0),
+        ("(44).real + 19 + 35", NUMS, TARGET, 0.0),
+        ("044 + 19 + 35", NUMS, TARGET, 0.0),
+        ("", NUMS, TARGET, 0.0),
+    ],
+)
 def test_countdown_reward(answer, numbers, target, expected):
-    assert countdown_reward(f"<think>...</think><answer>{answer}</answer>", numbers, target) == expected
+    completion = f"<think>...</think><answer>{answer}</answer>"
+    assert countdown_reward(completion, numbers, target) == expected
 
 
 def test_countdown_needs_the_answer_tag_and_the_last_one():
     assert countdown_reward("44 + 19 + 35", NUMS, TARGET) == 0.0
-    assert countdown_reward("<answer>44 + 19</answer><answer>44 + 19 + 35</answer>", NUMS, TARGET) == 1.0
+    two = "<answer>44 + 19</answer><answer>44 + 19 + 35</answer>"
+    assert countdown_reward(two, NUMS, TARGET) == 1.0
 
 
-@pytest.mark.parametrize("answer", [
-    "1+" * 50_000 + "1",  # 100 kB
-    "(" * 100_000,
-    "(" * 99 + "1" + ")" * 99,
-    "9" * 100_000,
-    "1/(1-1)" * 1000,
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "1+" * 50_000 + "1",  # 100 kB
+        "(" * 100_000,
+        "(" * 99 + "1" + ")" * 99,
+        "9" * 100_000,
+        "1/(1-1)" * 1000,
+    ],
+)
 def test_countdown_hostile_answers_are_fast_zeros(answer):
     assert within(0.5, lambda: countdown_reward(f"<answer>{answer}</answer>", [1, 1, 1], 3)) == 0.0
 
 
 # ---- format_reward [R-FORMAT] -------------------------------------------------------------------
-@pytest.mark.parametrize("completion, expected", [
-    ("<think>7+8=15</think><answer>15</answer>", 1.0),
-    ("<think>\nlong\nreasoning\n</think>\n<answer>\n15\n</answer>\n\n", 1.0),
-    ("7+8=15</think><answer>15</answer>", 1.0),  # the opening <think> was in the prompt
-    ("<think></think><answer></answer>", 1.0),
-    ("  <think>a</think> <answer>b</answer>", 1.0),
-    ("<answer>15</answer>", 0.0),  # no think block
-    ("<think>7+8=15</think>", 0.0),  # no answer block
-    ("<answer>15</answer><think>7+8=15</think>", 0.0),  # answer before think
-    ("<think>a</think><answer>1</answer><answer>2</answer>", 0.0),  # two answer blocks
-    ("<think>a</think><answer>1</answer> I hope this helps!", 0.0),  # text after the answer
-    ("<think>a</think>So:<answer>1</answer>", 0.0),  # text between the blocks
-    ("Hello <think>a</think><answer>1</answer>", 0.0),  # text before <think>
-    ("<think>a<think>b</think><answer>1</answer>", 0.0),  # nested think
-    ("<think>a</think><think>b</think><answer>1</answer>", 0.0),
-    ("<think>a</think><answer>1<answer>2</answer>", 0.0),
-    ("<think>a</answer><answer>1</answer>", 0.0),
-    ("", 0.0),
-    (None, 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<think>7+8=15</think><answer>15</answer>", 1.0),
+        ("<think>\nlong\nreasoning\n</think>\n<answer>\n15\n</answer>\n\n", 1.0),
+        ("7+8=15</think><answer>15</answer>", 1.0),  # the opening <think> was in the prompt
+        ("<think></think><answer></answer>", 1.0),
+        ("  <think>a</think> <answer>b</answer>", 1.0),
+        ("<answer>15</answer>", 0.0),  # no think block
+        ("<think>7+8=15</think>", 0.0),  # no answer block
+        ("<answer>15</answer><think>7+8=15</think>", 0.0),  # answer before think
+        ("<think>a</think><answer>1</answer><answer>2</answer>", 0.0),  # two answer blocks
+        ("<think>a</think><answer>1</answer> I hope this helps!", 0.0),  # text after the answer
+        ("<think>a</think>So:<answer>1</answer>", 0.0),  # text between the blocks
+        ("Hello <think>a</think><answer>1</answer>", 0.0),  # text before <think>
+        ("<think>a<think>b</think><answer>1</answer>", 0.0),  # nested think
+        ("<think>a</think><think>b</think><answer>1</answer>", 0.0),
+        ("<think>a</think><answer>1<answer>2</answer>", 0.0),
+        ("<think>a</answer><answer>1</answer>", 0.0),
+        ("", 0.0),
+        (None, 0.0),
+    ],
+)
 def test_format_reward(completion, expected):
     assert format_reward(completion) == expected
 
 
 def test_format_reward_is_fast_on_long_and_hostile_text():
-    for text in ("<think>" + "a" * 100_000 + "</think><answer>1</answer>",
-                 "<think>" * 20_000, "</think><answer>" * 10_000, "<think>a</think><answer>" + "<" * 100_000):
+    for text in (
+        "<think>" + "a" * 100_000 + "</think><answer>1</answer>",
+        "<think>" * 20_000,
+        "</think><answer>" * 10_000,
+        "<think>a</think><answer>" + "<" * 100_000,
+    ):
         assert within(0.5, lambda: format_reward(text)) in (0.0, 1.0)
 
 
@@ -237,8 +292,8 @@ def test_length_rewards_hand_computed():
 
 
 def test_overlong_penalty():
-    assert [overlong_penalty(n, 1000, 200) for n in (0, 800, 850, 900, 1000, 1001, 5000)] == \
-        [0.0, 0.0, -0.25, -0.5, -1.0, -1.0, -1.0]
+    penalties = [overlong_penalty(n, 1000, 200) for n in (0, 800, 850, 900, 1000, 1001, 5000)]
+    assert penalties == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0, -1.0]
     assert overlong_penalty(100, 100, 0) == 0.0 and overlong_penalty(101, 100, 0) == -1.0
 
 
@@ -251,27 +306,39 @@ def test_addition_reward():
     assert addition_reward("85", example) == 0.0
 
 
-# ---- never raise, never hang: main thread, other threads, hostile input ---------------------------
+# ---- never raise, never hang: main thread, other threads, hostile input --------------------------
+# fmt: off
 HOSTILE = [
-    "(" * 10_000, "(" * 5000 + "1" + ")" * 5000, "\\frac{" * 2000, "\\frac{" * 80, "{" * 10_000 + "}" * 10_000,
-    "9^{9^{9^{9}}}", "10^{10^{10}}", "2^{2^{40}}", "100000000!", "\\sqrt{2}^{10^{9}}", "9**9**9**9",
-    "1" * 4400, "1e99999999", "\\boxed{" * 5000, "<answer>" * 10_000, "\\begin{pmatrix}" * 60,
-    "$" * 10_000, "\x00\udcff\u202e", "\\" * 10_000, "#### " * 10_000,
+    "(" * 10_000, "(" * 5000 + "1" + ")" * 5000, "\\frac{" * 2000, "\\frac{" * 80,
+    "{" * 10_000 + "}" * 10_000, "9^{9^{9^{9}}}", "10^{10^{10}}", "2^{2^{40}}", "100000000!",
+    "\\sqrt{2}^{10^{9}}", "9**9**9**9", "1" * 4400, "1e99999999", "\\boxed{" * 5000,
+    "<answer>" * 10_000, "\\begin{pmatrix}" * 60, "$" * 10_000, "\x00\udcff\u202e", "\\" * 10_000,
+    "#### " * 10_000,
 ]
+# fmt: on
 
 
 def _verifier_calls(text):
     """Every verifier with `text` as the completion or as the reference answer."""
-    return [lambda: extract_answer(text), lambda: math_equal(text, "3"), lambda: math_equal("3", text),
-            lambda: math_equal(text[:400], "2") if len(text) > 400 else None, lambda: gsm8k_reward(text, "72"),
-            lambda: gsm8k_reward("<answer>3</answer>", text), lambda: math_reward(f"<answer>{text}</answer>", "1/2"),
-            lambda: countdown_reward(f"<answer>{text}</answer>", [1, 2, 3], 6), lambda: format_reward(text),
-            lambda: addition_reward(text, {"answer": "85"}),
-            # step verifiers (process supervision): the same guarantees
-            lambda: addition_steps(text, {"a": 47, "b": 38, "answer": "85"}), lambda: arithmetic_steps(text),
-            lambda: task_steps("gsm8k", text, {"answer": "72"}),
-            lambda: parity_reward(text, parity_example("0110")), lambda: reasoning_mode(text),
-            lambda: parity_steps(text, parity_example("0110"))]
+    return [
+        lambda: extract_answer(text),
+        lambda: math_equal(text, "3"),
+        lambda: math_equal("3", text),
+        lambda: math_equal(text[:400], "2") if len(text) > 400 else None,
+        lambda: gsm8k_reward(text, "72"),
+        lambda: gsm8k_reward("<answer>3</answer>", text),
+        lambda: math_reward(f"<answer>{text}</answer>", "1/2"),
+        lambda: countdown_reward(f"<answer>{text}</answer>", [1, 2, 3], 6),
+        lambda: format_reward(text),
+        lambda: addition_reward(text, {"answer": "85"}),
+        # step verifiers (process supervision): the same guarantees
+        lambda: addition_steps(text, {"a": 47, "b": 38, "answer": "85"}),
+        lambda: arithmetic_steps(text),
+        lambda: task_steps("gsm8k", text, {"answer": "72"}),
+        lambda: parity_reward(text, parity_example("0110")),
+        lambda: reasoning_mode(text),
+        lambda: parity_steps(text, parity_example("0110")),
+    ]
 
 
 # A time-limit alarm that strikes inside a finalizer is printed as "Exception ignored" and struck
@@ -291,8 +358,8 @@ def test_random_text_never_raises_and_is_fast(text):
         within(1.0, call)
 
 
-LATEXISH = st.lists(st.sampled_from(list("0123456789+-*/^()[]{},.=x ") + ["\\frac{", "\\sqrt{", "^{", "\\pi", "!"]),
-                    max_size=30).map("".join)
+LATEX_PIECES = list("0123456789+-*/^()[]{},.=x ") + ["\\frac{", "\\sqrt{", "^{", "\\pi", "!"]
+LATEXISH = st.lists(st.sampled_from(LATEX_PIECES), max_size=30).map("".join)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -302,28 +369,40 @@ def test_random_latex_never_raises_and_is_fast(pred, gold):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(1, 99), min_size=3, max_size=4), st.integers(-10, 200),
-       st.text(alphabet=list("0123456789+-*/() =.%^&|~<>!xe_j\uff11"), max_size=40))
+@given(
+    st.lists(st.integers(1, 99), min_size=3, max_size=4),
+    st.integers(-10, 200),
+    st.text(alphabet=list("0123456789+-*/() =.%^&|~<>!xe_j\uff11"), max_size=40),
+)
 def test_random_countdown_answers(numbers, target, answer):
-    assert within(0.5, lambda: countdown_reward(f"<answer>{answer}</answer>", numbers, target)) in (0.0, 1.0)
+    completion = f"<answer>{answer}</answer>"
+    assert within(0.5, lambda: countdown_reward(completion, numbers, target)) in (0.0, 1.0)
 
 
 def test_math_equal_in_worker_threads():
     """Signals only work in the main thread: other threads use a helper process, which applies the
     same time limits in its own main thread and answers 0 by itself when time is up."""
-    cases = [("0.5", "\\frac{1}{2}", True), ("\\frac{\\sqrt{8}}{2}", "\\sqrt{2}", True), ("\\sqrt{2}", "1.414", False),
-             ("[1,2)", "[1,2]", False), ("x^2+2x+1", "(x+1)^2", True)]
+    cases = [
+        ("0.5", "\\frac{1}{2}", True),
+        ("\\frac{\\sqrt{8}}{2}", "\\sqrt{2}", True),
+        ("\\sqrt{2}", "1.414", False),
+        ("[1,2)", "[1,2]", False),
+        ("x^2+2x+1", "(x+1)^2", True),
+    ]
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pool.submit(math_equal, "x", "x+0").result()  # the helper's first start (importing sympy) is not timed
+        # the helper's first start (importing sympy) is not timed
+        pool.submit(math_equal, "x", "x+0").result()
         for pred, gold, expected in cases:
-            assert within(1.0, lambda: pool.submit(math_equal, pred, gold).result()) is expected, (pred, gold)
+            verdict = within(1.0, lambda: pool.submit(math_equal, pred, gold).result())
+            assert verdict is expected, (pred, gold)
         helper = rewards._judges[os.getpid()]
         assert within(1.0, lambda: pool.submit(math_equal, "9^{9^{9^{9}}}", "3").result()) is False
         assert rewards._judges[os.getpid()] is helper and helper.poll() is None  # it said 0 itself
         again = within(1.0, lambda: pool.submit(math_equal, "2\\sqrt{2}", "\\sqrt{8}").result())
         assert again is True
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as many:  # several threads at once
-        assert list(many.map(lambda c: math_equal(c[0], c[1]), cases * 2)) == [c[2] for c in cases] * 2
+        verdicts = list(many.map(lambda c: math_equal(c[0], c[1]), cases * 2))
+        assert verdicts == [c[2] for c in cases] * 2
 
 
 def test_a_helper_that_does_not_answer_is_killed_and_replaced(monkeypatch):
@@ -379,8 +458,8 @@ def verdicts_under_load(root, cases, hostile):
     """Run UNDER_LOAD with the rewards.py in folder `root`: its verdicts in the main thread and in a
     worker thread, how much slower than its CPU time the main thread ran, and the wall-clock
     seconds math_equal took on the `hostile` pair."""
-    out = subprocess.run([sys.executable, "-c", UNDER_LOAD, root, json.dumps(cases),
-                          json.dumps(hostile)], capture_output=True, text=True, timeout=300)
+    args = [sys.executable, "-c", UNDER_LOAD, root, json.dumps(cases), json.dumps(hostile)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.splitlines()[-1])
 
@@ -414,6 +493,7 @@ def test_the_time_limit_counts_cpu_time_not_waiting(monkeypatch):
     def endless(pred, gold):
         while True:
             pass
+
     monkeypatch.setattr(rewards, "_verify_latex", slow_but_cheap)
     assert math_equal("x+1", "1+x+0") is True
     monkeypatch.setattr(rewards, "_verify_latex", endless)
@@ -432,11 +512,12 @@ def test_the_wall_clock_backstop_ends_a_comparison_that_gets_no_cpu(monkeypatch)
 
 
 def test_main_thread_timer_restores_the_callers_alarm():
-    """A caller's own SIGALRM handler and pending timer (e.g. pytest-timeout's) survive math_equal."""
+    """A caller's SIGALRM handler and pending timer (e.g. pytest-timeout's) survive math_equal."""
     fired = []
 
     def handler(*_):
         fired.append(1)
+
     old = signal.signal(signal.SIGALRM, handler)
     try:
         signal.setitimer(signal.ITIMER_REAL, 10.0)  # longer than two backstops: it cannot fire
@@ -456,7 +537,8 @@ def test_no_alarm_left_behind():
     handler, (delay, _) = signal.getsignal(signal.SIGALRM), signal.getitimer(signal.ITIMER_REAL)
     assert math_equal("10^{10^{10}}", "1") is False
     after, _ = signal.getitimer(signal.ITIMER_REAL)
-    assert (after == 0.0) if delay == 0.0 else (0.0 < after < delay)  # none, or the caller's own (pytest-timeout's)
+    # none, or the caller's own (pytest-timeout's)
+    assert (after == 0.0) if delay == 0.0 else (0.0 < after < delay)
     assert signal.getsignal(signal.SIGALRM) is handler
 
 
@@ -467,16 +549,23 @@ def test_addition_steps_score_each_column():
     assert [r for _, r in addition_steps(right, ex)] == [1.0, 1.0, 1.0]
     assert [r for _, r in addition_steps(sloppy, ex)] == [1.0, 0.0, 0.0]
     ends = [e for e, _ in addition_steps(right, ex)]
-    assert right[:ends[0]].endswith("7+8=15") and right[:ends[1]].endswith("4+3+1=8") and ends[2] == len(right)
-    wrong_units = "<think>7+8=14,4+3+1=8</think><answer>85</answer>"  # lucky answer, wrong first step
+    assert right[: ends[0]].endswith("7+8=15") and right[: ends[1]].endswith("4+3+1=8")
+    assert ends[2] == len(right)
+    # a lucky answer, a wrong first step
+    wrong_units = "<think>7+8=14,4+3+1=8</think><answer>85</answer>"
     assert [r for _, r in addition_steps(wrong_units, ex)] == [0.0, 1.0, 1.0]
-    assert addition_steps("<answer>85</answer>", ex) == [(len("<answer>85</answer>"), 1.0)]  # no trace: one step
+    # no trace: one step
+    assert addition_steps("<answer>85</answer>", ex) == [(len("<answer>85</answer>"), 1.0)]
 
 
 def test_arithmetic_steps_free_text():
-    text = "Natalia sold 48/2 = <<48/2=24>>24 clips in May. Altogether 48+24 = <<48+24=72>>72. So 2 x 3 = 7."
+    text = (
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May. Altogether 48+24 = <<48+24=72>>72. "
+        "So 2 x 3 = 7."
+    )
     assert [r for _, r in arithmetic_steps(text)] == [1.0, 1.0, 0.0]
-    assert [r for _, r in arithmetic_steps("1,200 - 200 = 1,000 and 7 ÷ 2 = 3.5 and 5/0 = 1")] == [1.0, 1.0, 0.0]
+    mixed = arithmetic_steps("1,200 - 200 = 1,000 and 7 ÷ 2 = 3.5 and 5/0 = 1")
+    assert [r for _, r in mixed] == [1.0, 1.0, 0.0]
     assert arithmetic_steps("no arithmetic here") == []
     steps = task_steps("gsm8k", "3*4=12 <answer>12</answer>", {"answer": "12"})
     assert [r for _, r in steps] == [1.0, 1.0]  # the final answer is the last step
@@ -484,8 +573,9 @@ def test_arithmetic_steps_free_text():
 
 def test_time_limit_holds_when_the_first_alarm_is_swallowed():
     """Pitfall: a signal-based time limit raises in whatever Python code runs when it strikes; in a
-    finalizer (__del__, weakref callbacks during gc) the exception is printed and dropped. A one-shot
-    timer then never fires again and the comparison runs on forever; ours repeats until it lands."""
+    finalizer (__del__, weakref callbacks during gc) the exception is printed and dropped. A
+    one-shot timer then never fires again and the comparison runs on forever; ours repeats until
+    it lands."""
     code = """if True:
         import sys, time; sys.path.insert(0, '.')
         import rewards
@@ -503,7 +593,9 @@ def test_time_limit_holds_when_the_first_alarm_is_swallowed():
         start = time.thread_time()
         print(rewards.math_equal('x+1', 'y'), round(time.thread_time() - start, 2))
     """
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
     verdict, cpu_seconds = out.stdout.split()
     assert verdict == "False", out.stdout + out.stderr
     assert float(cpu_seconds) < rewards.MATH_TIMEOUT_S + 0.6, out.stdout + out.stderr
@@ -512,17 +604,19 @@ def test_time_limit_holds_when_the_first_alarm_is_swallowed():
 def test_parity_step_verifier_blames_the_first_wrong_symbol_and_after():
     ex = parity_example("0110")
     assert [r for _, r in parity_steps(parity_completion("0110"), ex)] == [1.0] * 5
-    assert [r for _, r in parity_steps("<think>eOoo</think><answer>1</answer>", ex)] == [1, 1, 0, 0, 0]
+    wrong = parity_steps("<think>eOoo</think><answer>1</answer>", ex)
+    assert [r for _, r in wrong] == [1, 1, 0, 0, 0]
     retry = parity_completion("0110", "retry", guess="1")  # the guess before "wait" is no step
     assert [r for _, r in parity_steps(retry, ex)] == [1.0] * 5
     assert parity_steps(parity_completion("0110", "direct"), ex) == [(33, 1.0)]
     ends = [e for e, _ in parity_steps(parity_completion("0110"), ex)]
     assert parity_completion("0110")[: ends[1]] == "<think>eO"  # an end is just past its symbol
-    assert task_steps("parity", parity_completion("0110"), ex) == parity_steps(parity_completion("0110"), ex)
+    trace = parity_completion("0110")
+    assert task_steps("parity", trace, ex) == parity_steps(trace, ex)
 
 
 def test_reasoning_mode_tells_direct_trace_and_retry_in_any_task():
-    assert [reasoning_mode(parity_completion("0110", m)) for m in ("direct", "trace", "retry")] == [
-        "direct", "trace", "retry"]
+    modes = [reasoning_mode(parity_completion("0110", m)) for m in ("direct", "trace", "retry")]
+    assert modes == ["direct", "trace", "retry"]
     assert reasoning_mode(addition_trace(47, 38)) == "trace"
     assert reasoning_mode("<answer>85</answer>") == "other"

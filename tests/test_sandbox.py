@@ -4,6 +4,7 @@ and nothing is left behind: no temporary directory, no process, no file outside 
 Every hostile program here is bounded (at most 8 processes, 2 GB, 30 s of sleep) so that even a
 broken sandbox could not harm the machine running the tests.
 """
+
 import glob
 import os
 import sys
@@ -54,13 +55,15 @@ def run(monkeypatch):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             children.append(self.pid)
+
     monkeypatch.setattr(rewards.subprocess, "Popen", RecordingPopen)
 
     def run_program(code: str, tests: list[str], timeout: float = TIMEOUT) -> float:
         before = _sandbox_dirs()
         for attempt in range(2):  # timed twice at most: a loaded 2-core machine can stall a process
             start = time.monotonic()
-            score = code_reward(f"<think>...</think><answer>\n```python\n{code}\n```\n</answer>", tests, timeout=timeout)
+            completion = f"<think>...</think><answer>\n```python\n{code}\n```\n</answer>"
+            score = code_reward(completion, tests, timeout=timeout)
             if time.monotonic() - start < timeout + 1.0:
                 break
         else:
@@ -69,14 +72,17 @@ def run(monkeypatch):
         for pid in children:
             assert _alive_in_session(pid) == []  # the child and all it started are dead
         return score
+
     return run_program
 
 
-# ---- right and partly right programs --------------------------------------------------------------
+# ---- right and partly right programs -------------------------------------------------------------
 SIMILAR = "def similar_elements(a, b):\n    return tuple(sorted(set(a) & set(b)))\n"
-SIMILAR_TESTS = ["assert similar_elements((3, 4, 5, 6), (5, 7, 4, 10)) == (4, 5)",
-                 "assert similar_elements((1, 2, 3, 4), (5, 4, 3, 7)) == (3, 4)",
-                 "assert similar_elements((11, 12, 14, 13), (17, 15, 14, 13)) == (13, 14)"]
+SIMILAR_TESTS = [
+    "assert similar_elements((3, 4, 5, 6), (5, 7, 4, 10)) == (4, 5)",
+    "assert similar_elements((1, 2, 3, 4), (5, 4, 3, 7)) == (3, 4)",
+    "assert similar_elements((11, 12, 14, 13), (17, 15, 14, 13)) == (13, 14)",
+]
 
 
 def test_right_program_scores_one(run):
@@ -84,34 +90,46 @@ def test_right_program_scores_one(run):
 
 
 def test_partly_right_program_scores_the_fraction_passed(run):
-    almost = "def similar_elements(a, b):\n    return tuple(sorted(set(a) & set(b)))[:2] if 3 in a else ()\n"
+    almost = (
+        "def similar_elements(a, b):\n"
+        "    return tuple(sorted(set(a) & set(b)))[:2] if 3 in a else ()\n"
+    )
     assert run(almost, SIMILAR_TESTS, timeout=ENOUGH) == pytest.approx(2 / 3)
 
 
 def test_program_may_use_the_standard_library_and_its_own_directory(run):
-    code = ("import math, re, heapq, collections, itertools, functools, bisect\n"
-            "def f():\n    open('notes.txt', 'w').write('ok')\n"
-            "    return open('notes.txt').read() + str(math.gcd(12, 18)) + str(heapq.nsmallest(1, [3, 1]))\n")
+    code = (
+        "import math, re, heapq, collections, itertools, functools, bisect\n"
+        "def f():\n    open('notes.txt', 'w').write('ok')\n"
+        "    return open('notes.txt').read() + str(math.gcd(12, 18))"
+        " + str(heapq.nsmallest(1, [3, 1]))\n"
+    )
     assert run(code, ["assert f() == 'ok6[1]'"], timeout=ENOUGH) == 1.0
 
 
 def test_last_python_block_is_used():
-    first = "```python\ndef f():\n    return 1\n```\nno wait:\n```python\ndef f():\n    return 2\n```"
+    first = (
+        "```python\ndef f():\n    return 1\n```\nno wait:\n```python\ndef f():\n    return 2\n```"
+    )
     assert code_reward(first, ["assert f() == 2"]) == 1.0
     assert code_reward("```py\ndef f():\n    return 2\n```", ["assert f() == 2"]) == 1.0
 
 
-@pytest.mark.parametrize("completion", [
-    "def f():\n    return 2",  # no code block
-    "```python\ndef f(:\n```",  # syntax error
-    "```python\nraise ValueError('at import')\ndef f():\n    return 2\n```",
-    "```python\nimport sys\nsys.exit(0)\n```",
-    "```python\nimport os\nos._exit(0)\n```",
-    "```javascript\nfunction f() { return 2 }\n```",
-])
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "def f():\n    return 2",  # no code block
+        "```python\ndef f(:\n```",  # syntax error
+        "```python\nraise ValueError('at import')\ndef f():\n    return 2\n```",
+        "```python\nimport sys\nsys.exit(0)\n```",
+        "```python\nimport os\nos._exit(0)\n```",
+        "```javascript\nfunction f() { return 2 }\n```",
+    ],
+)
 def test_broken_programs_score_zero(completion):
     assert code_reward(completion, ["assert f() == 2"]) == 0.0
-    assert code_reward("```python\ndef f():\n    return 2\n```", []) == 0.0  # no tests: nothing passed
+    # no tests: nothing passed
+    assert code_reward("```python\ndef f():\n    return 2\n```", []) == 0.0
 
 
 def test_printing_cannot_fake_a_pass(run):
@@ -120,11 +138,14 @@ def test_printing_cannot_fake_a_pass(run):
 
 
 def test_patching_builtins_cannot_skip_the_tests(run):
-    code = "import builtins\nbuiltins.exec = lambda *a, **k: None\nbuiltins.compile = lambda *a, **k: None\n"
+    code = (
+        "import builtins\nbuiltins.exec = lambda *a, **k: None\n"
+        "builtins.compile = lambda *a, **k: None\n"
+    )
     assert run(code, ["assert False"]) == 0.0
 
 
-# ---- hostile programs -----------------------------------------------------------------------------
+# ---- hostile programs ----------------------------------------------------------------------------
 def test_infinite_loop(run):
     assert run("while True:\n    pass\n", ["assert True"]) == 0.0
 
@@ -137,30 +158,51 @@ def test_timeout_keeps_the_tests_that_passed_before_it(run):
     # the first two pass ~0.1 s of CPU time after the start: within TIMEOUT unless the machine
     # is some 20 times oversubscribed (the third runs until the time limit, as it must)
     code = "def f(x):\n    while x == 3:\n        pass\n    return x\n"
-    assert run(code, ["assert f(1) == 1", "assert f(2) == 2", "assert f(3) == 3"]) == pytest.approx(2 / 3)
+    tests = ["assert f(1) == 1", "assert f(2) == 2", "assert f(3) == 3"]
+    assert run(code, tests) == pytest.approx(2 / 3)
 
 
 # Each program's f() returns True only if it managed to start another process (or thread).
 SPAWNERS = {
-    "os.fork": "import os, time\ndef f():\n    for _ in range(3):\n        if os.fork() == 0:\n"
-               "            time.sleep(30)\n            os._exit(0)\n    return True\n",
-    "fork bomb": "import os\ndef f():\n    for _ in range(3):\n        os.fork()\n    return True\n",  # 8 at most
-    "posix.fork re-imported": "import sys, time\ndef f():\n    del sys.modules['posix']\n    import posix\n"
-                              "    if posix.fork() == 0:\n        time.sleep(30)\n        posix._exit(0)\n    return True\n",
+    "os.fork": (
+        "import os, time\ndef f():\n    for _ in range(3):\n        if os.fork() == 0:\n"
+        "            time.sleep(30)\n            os._exit(0)\n    return True\n"
+    ),
+    "fork bomb": (  # 8 at most
+        "import os\ndef f():\n    for _ in range(3):\n        os.fork()\n    return True\n"
+    ),
+    "posix.fork re-imported": (
+        "import sys, time\ndef f():\n    del sys.modules['posix']\n    import posix\n"
+        "    if posix.fork() == 0:\n        time.sleep(30)\n        posix._exit(0)\n"
+        "    return True\n"
+    ),
     "os.system": "import os\ndef f():\n    return os.system('sleep 30 &') == 0\n",
     "os.popen": "import os\ndef f():\n    return os.popen('echo hi').read() == 'hi\\n'\n",
-    "subprocess": "import subprocess\ndef f():\n    subprocess.Popen(['sleep', '30'])\n    return True\n",
-    "subprocess re-imported": "import sys\ndef f():\n    sys.modules.pop('subprocess', None)\n"
-                              "    sys.modules.pop('_posixsubprocess', None)\n    import subprocess\n"
-                              "    subprocess.Popen(['sleep', '30'])\n    return True\n",
-    "multiprocessing": "import multiprocessing, time\ndef f():\n"
-                       "    multiprocessing.Process(target=time.sleep, args=(30,)).start()\n    return True\n",
-    "posix_spawn": "import os\ndef f():\n    os.posix_spawn('/bin/sleep', ['sleep', '30'], {})\n    return True\n",
+    "subprocess": (
+        "import subprocess\ndef f():\n    subprocess.Popen(['sleep', '30'])\n    return True\n"
+    ),
+    "subprocess re-imported": (
+        "import sys\ndef f():\n    sys.modules.pop('subprocess', None)\n"
+        "    sys.modules.pop('_posixsubprocess', None)\n    import subprocess\n"
+        "    subprocess.Popen(['sleep', '30'])\n    return True\n"
+    ),
+    "multiprocessing": (
+        "import multiprocessing, time\ndef f():\n"
+        "    multiprocessing.Process(target=time.sleep, args=(30,)).start()\n    return True\n"
+    ),
+    "posix_spawn": (
+        "import os\ndef f():\n    os.posix_spawn('/bin/sleep', ['sleep', '30'], {})\n"
+        "    return True\n"
+    ),
     "execv": "import os\ndef f():\n    os.execv('/bin/true', ['true'])\n",
-    "ctypes fork": "import sys\ndef f():\n    sys.modules.pop('ctypes', None)\n    import ctypes\n"
-                   "    return ctypes.CDLL(None).fork() >= 0\n",
-    "thread": "import threading, time\ndef f():\n    threading.Thread(target=time.sleep, args=(30,)).start()\n"
-              "    return True\n",
+    "ctypes fork": (
+        "import sys\ndef f():\n    sys.modules.pop('ctypes', None)\n    import ctypes\n"
+        "    return ctypes.CDLL(None).fork() >= 0\n"
+    ),
+    "thread": (
+        "import threading, time\ndef f():\n"
+        "    threading.Thread(target=time.sleep, args=(30,)).start()\n    return True\n"
+    ),
 }
 
 
@@ -171,9 +213,10 @@ def test_no_new_process_survives(run, name):
 
 @pytest.mark.skipif(not ROOT, reason="RLIMIT_NPROC binds for ordinary users anyway")
 def test_root_child_runs_as_nobody(run):
-    """Started as root, the child drops to 'nobody', so RLIMIT_NPROC binds and /proc/*/environ is closed."""
-    assert run("import os\ndef f():\n    return os.getuid()\n", ["assert f() == 65534"],
-               timeout=ENOUGH) == 1.0
+    """Started as root, the child drops to 'nobody', so RLIMIT_NPROC binds and /proc/*/environ is
+    closed."""
+    code = "import os\ndef f():\n    return os.getuid()\n"
+    assert run(code, ["assert f() == 65534"], timeout=ENOUGH) == 1.0
 
 
 @pytest.mark.parametrize("size", ["2 * 10**9", "10**11"])
@@ -183,8 +226,10 @@ def test_huge_allocation(run, size):
 
 
 def test_writing_a_huge_file_stops(run):
-    code = "def f():\n    with open('big', 'wb') as out:\n        for _ in range(64):\n" \
-           "            out.write(b'x' * (1 << 20))\n    return True\n"
+    code = (
+        "def f():\n    with open('big', 'wb') as out:\n        for _ in range(64):\n"
+        "            out.write(b'x' * (1 << 20))\n    return True\n"
+    )
     assert run(code, ["assert f()"]) == 0.0  # RLIMIT_FSIZE (16 MiB): the write fails
 
 
@@ -245,5 +290,7 @@ def h():  # around the open() guard, as root: still unreadable for 'nobody'
 
 
 def test_killing_the_parent_is_refused(run):
-    code = "import os, signal\ndef f():\n    os.kill(os.getppid(), signal.SIGTERM)\n    return True\n"
+    code = (
+        "import os, signal\ndef f():\n    os.kill(os.getppid(), signal.SIGTERM)\n    return True\n"
+    )
     assert run(code, ["assert f()"]) == 0.0

@@ -2,12 +2,12 @@
 definition the two share is identical in source and in the same order, except the few where GRPO
 and PPO differ by design (listed below with the reason). So `diff nano_grpo.py nano_ppo.py` shows
 what PPO adds and GRPO removes, and nothing else; edit a shared definition in both files."""
+
 import ast
 import os
 import re
 
 import pytest
-
 from helpers import ROOT
 
 # name -> why the two scripts' versions differ
@@ -38,7 +38,8 @@ def definitions(source: str) -> dict[str, str]:
             name = node.targets[0].id
         else:
             continue
-        first = node.decorator_list[0].lineno if getattr(node, "decorator_list", None) else node.lineno
+        decorators = getattr(node, "decorator_list", None)
+        first = decorators[0].lineno if decorators else node.lineno
         lines = source.splitlines()[first - 1 : node.end_lineno]
         out[name] = "\n".join(lines)
     return out
@@ -48,10 +49,10 @@ def twin_differences(grpo_source: str, ppo_source: str) -> list[str]:
     """What breaks the twin rule, one line each (empty: the twins are in step)."""
     grpo, ppo = definitions(grpo_source), definitions(ppo_source)
     shared = [n for n in grpo if n in ppo]
-    problems = [f"{n} differs between the two scripts" for n in shared
-                if n not in DIFFER_BY_DESIGN and grpo[n] != ppo[n]]  # fmt: skip
-    problems += [f"{n} is listed as differing but is identical (or missing)" for n in DIFFER_BY_DESIGN
-                 if grpo.get(n, 1) == ppo.get(n, 1)]  # fmt: skip
+    differ = [n for n in shared if n not in DIFFER_BY_DESIGN and grpo[n] != ppo[n]]
+    problems = [f"{n} differs between the two scripts" for n in differ]
+    same = [n for n in DIFFER_BY_DESIGN if grpo.get(n, 1) == ppo.get(n, 1)]
+    problems += [f"{n} is listed as differing but is identical (or missing)" for n in same]
     if shared != [n for n in ppo if n in grpo]:
         problems.append("the shared definitions are in another order in the two scripts")
     return problems
@@ -87,6 +88,6 @@ def test_the_algorithm_comes_first(script):
     assert loop < len(lines) / 2, (loop, len(lines))
     part2 = next(i for i, line in enumerate(lines) if "PART 2: THE MACHINERY" in line)
     part1 = "\n".join(lines[:part2])
-    plumbing = [line for line in part1.splitlines()
-                if any(tok in line for tok in ("dist.", "rank", "world_size", "reshard"))]
+    tokens = ("dist.", "rank", "world_size", "reshard")
+    plumbing = [line for line in part1.splitlines() if any(tok in line for tok in tokens)]
     assert plumbing == [], plumbing
