@@ -1,5 +1,5 @@
 # make demo : create .venv if missing, install the CPU or GPU stack, run `python nano_grpo.py`
-# make test : the same set-up, then the whole test suite
+# make test : the same set-up, then ruff (lint and format, 100 columns) and the test suite
 # make gpu-check : on one GPU, the memory plan against measured peaks (benchmarks/gpu_check.py)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -17,13 +17,19 @@ ppo: $(VENV)/.stack
 	$(BIN)/python nano_ppo.py
 
 test: $(VENV)/.test-stack
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .  # lint, 100 columns (pyproject.toml)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q -m "not slow"
 
 test-all: $(VENV)/.test-stack  # + the slow ones: the variant models' rebuilds, FSDP with vLLM (~25 min)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
 
-studies: $(VENV)/.test-stack  # the chapter's comparisons behind notebooks/03 and case_studies (~40 min)
+# the chapter's comparisons (3 seeds each), then the README's R1-Zero figure and the two notebooks
+# that plot them, re-executed in place (~2 h on 2 cores)
+studies: $(VENV)/.test-stack
 	$(BIN)/python benchmarks/run_studies.py
+	$(BIN)/python benchmarks/plot_r1_zero.py
+	cd notebooks && $(abspath $(BIN))/jupyter-execute --inplace --timeout=600 \
+		03_chapter_comparisons.ipynb case_studies.ipynb
 
 # one GPU with torch + transformers (no vLLM, no internet needed): the tiny model trains on CUDA,
 # one update per GPU preset's model, measured peak memory next to the plan (< 8 min, H100/H200)

@@ -1,17 +1,30 @@
 """End-to-end: a few steps of nano_grpo.py on the shipped tiny model, with HF and vLLM rollouts.
 Also the pitfalls that need a real engine (issue 8, items 5-7) and bad-input errors."""
+
 import os
 import sys
 
 import pytest
 import torch
-
 from helpers import HAS_VLLM, TINY_MODEL, run_script, without_times
+
 import nano_grpo as G
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(TINY_MODEL), reason="tiny model not built")
-SHORT = ["--max_steps", "2", "--prompts_per_step", "4", "--group_size", "4", "--eval_size", "16",
-         "--eval_every", "2", "--save_every", "2"]
+SHORT = [
+    "--max_steps",
+    "2",
+    "--prompts_per_step",
+    "4",
+    "--group_size",
+    "4",
+    "--eval_size",
+    "16",
+    "--eval_every",
+    "2",
+    "--save_every",
+    "2",
+]
 has_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
 
 
@@ -26,8 +39,21 @@ def test_hf_rollout_run_end_to_end(tmp_path, capsys):
     assert os.path.exists(tmp_path / "run" / "curves.png")
     assert open(tmp_path / "run" / "latest").read() == "checkpoint-2"
     assert rows[1]["logprob_gap_max"] < 1e-3  # generate()'s own scores agree with the trainer
-    for key in ("reward", "reward_correct", "reward_format", "accuracy", "kl", "entropy", "clip_frac",
-                "grad_norm", "zero_signal", "response_len", "truncated", "time_rollout", "eval_acc"):
+    for key in (
+        "reward",
+        "reward_correct",
+        "reward_format",
+        "accuracy",
+        "kl",
+        "entropy",
+        "clip_frac",
+        "grad_norm",
+        "zero_signal",
+        "response_len",
+        "truncated",
+        "time_rollout",
+        "eval_acc",
+    ):
         assert key in rows[-1], key
 
 
@@ -38,8 +64,10 @@ def test_vllm_run_logprobs_agree_and_sync_matches_hf(tmp_path):
     assert rows[1]["logprob_gap_max"] <= 1e-3
     assert rows[2]["logprob_gap_max"] <= 1e-3  # and after a weight sync too: no stale rollouts
     model, engine, tok = out["model"], out["engine"], out["tokenizer"]
-    prompts = [tok.encode(G.rewards.build_prompt("addition", ex, tok), add_special_tokens=False)
-               for ex in G.rewards.load_task("addition", "test", n=8)]
+    prompts = [
+        tok.encode(G.rewards.build_prompt("addition", ex, tok), add_special_tokens=False)
+        for ex in G.rewards.load_task("addition", "test", n=8)
+    ]
     model.eval()
     via_vllm = G.generate(engine, prompts, 1, 0.0, 32, G.answer_stop(tok, G.Config()), seed=0)
     via_hf = G.generate_hf(model, prompts, 1, 0.0, 32, G.answer_stop(tok, G.Config()), seed=0)
@@ -49,12 +77,26 @@ def test_vllm_run_logprobs_agree_and_sync_matches_hf(tmp_path):
 
 @has_vllm
 def test_failed_weight_sync_is_reported(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(G, "sync_weights", lambda llm, model: None)  # a sync that silently does nothing
+    monkeypatch.setattr(
+        G, "sync_weights", lambda llm, model: None
+    )  # a sync that silently does nothing
     with pytest.raises(SystemExit) as e:
         # 16 x 8 answers, 3 steps: some step has signal (a zero-signal step changes no weight)
-        run(tmp_path, "--rollout", "vllm", "--max_steps", "3", "--prompts_per_step", "16", "--group_size", "8")
+        run(
+            tmp_path,
+            "--rollout",
+            "vllm",
+            "--max_steps",
+            "3",
+            "--prompts_per_step",
+            "16",
+            "--group_size",
+            "8",
+        )
     msg = str(e.value)
-    assert "does not hold the trainer's weights" in msg and "--rollout hf" in msg and "0.32.0" in msg
+    assert (
+        "does not hold the trainer's weights" in msg and "--rollout hf" in msg and "0.32.0" in msg
+    )
     assert "\n" not in msg
 
 
@@ -80,12 +122,15 @@ def test_resume_continues_exactly(tmp_path):
         assert x == pytest.approx(y, rel=1e-5)
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (["--model", "./no/such/model"], "does not exist"),
-    (["--task", "no-such-task"], "addition"),
-    (["--preset", "laptop"], "cpu-demo"),
-    (["--loss_agg", "mean"], "token-mean"),
-])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--model", "./no/such/model"], "does not exist"),
+        (["--task", "no-such-task"], "addition"),
+        (["--preset", "laptop"], "cpu-demo"),
+        (["--loss_agg", "mean"], "token-mean"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, flags, needle):
     with pytest.raises(SystemExit) as e:
         G.main(G.parse_config(SHORT + ["--rollout", "hf", "--output_dir", str(tmp_path), *flags]))
@@ -101,8 +146,10 @@ def test_vllm_missing_is_one_line(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny():
     model, tok = G.load_model(TINY_MODEL, G.Config())
-    prompts = [tok.encode(G.rewards.build_prompt("addition", ex, tok), add_special_tokens=False)
-               for ex in G.rewards.load_task("addition", "test", n=6)]
+    prompts = [
+        tok.encode(G.rewards.build_prompt("addition", ex, tok), add_special_tokens=False)
+        for ex in G.rewards.load_task("addition", "test", n=6)
+    ]
     return model.eval(), tok, prompts
 
 
@@ -146,11 +193,17 @@ def test_sync_check_catches_a_stale_engine(tiny, llm):
     """The check alone: the trainer takes one real step, the engine is not told."""
     model, tok, prompts = tiny
     model = __import__("copy").deepcopy(model)
-    assert G.check_engine_weights(llm, model, prompts, 1e-4, G.Config()) < 1e-4  # same weights: passes
+    assert (
+        G.check_engine_weights(llm, model, prompts, 1e-4, G.Config()) < 1e-4
+    )  # same weights: passes
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     samples = G.generate(model, prompts[:2], 2, 1.0, 32, G.answer_stop(tok, G.Config()), seed=0)
     b = G.make_batch(samples, tok.pad_token_id)
-    (-(G.token_logprobs(model, b["input_ids"], b["attention_mask"], 1.0) * b["response_mask"]).sum()).backward()
+    (
+        -(
+            G.token_logprobs(model, b["input_ids"], b["attention_mask"], 1.0) * b["response_mask"]
+        ).sum()
+    ).backward()
     opt.step()
     with pytest.raises(SystemExit, match="does not hold the trainer's weights"):
         G.check_engine_weights(llm, model, prompts, 1e-4, G.Config())
@@ -164,7 +217,10 @@ def test_questions_are_sampled_independently(tiny, engine, request):
     single vLLM seed for the whole batch did that: every copy got the same answer)."""
     model, tok, prompts = tiny
     eng = model if engine == "hf" else request.getfixturevalue("llm")
-    carry = next(p for p, ex in zip(prompts, G.rewards.load_task("addition", "test", n=6))
-                 if ex["a"] % 10 + ex["b"] % 10 >= 10)  # a carry question: the model hesitates
+    carry = next(
+        p
+        for p, ex in zip(prompts, G.rewards.load_task("addition", "test", n=6))
+        if ex["a"] % 10 + ex["b"] % 10 >= 10
+    )  # a carry question: the model hesitates
     answers = G.generate(eng, [carry] * 24, 1, 1.0, 32, G.answer_stop(tok, G.Config()), seed=0)
     assert len({tuple(s["response_ids"]) for s in answers}) > 1

@@ -6,6 +6,7 @@ rewritten), in notebooks/ as its working directory, by a kernel that runs THIS i
 (sys.executable): the test writes its own kernel spec, so a fresh venv needs no manual
 `ipykernel install`. Figures use matplotlib's Agg backend (nothing is rendered into the copy).
 """
+
 import json
 import os
 import re
@@ -20,10 +21,15 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NB_DIR = os.path.join(ROOT, "notebooks")
 KERNEL = "nano-rlvr-test"
-RUN_NOTEBOOKS = ["01_policy_gradient_to_grpo.ipynb", "02_reading_a_training_run.ipynb",
-                 "03_chapter_comparisons.ipynb", "case_studies.ipynb"]
-# These two only plot benchmarks/results/ (made by benchmarks/run_studies.py): fast, and they must run
-# even where a study has not been run yet (NANO_RLVR_RESULTS points them at another results folder).
+RUN_NOTEBOOKS = [
+    "01_policy_gradient_to_grpo.ipynb",
+    "02_reading_a_training_run.ipynb",
+    "03_chapter_comparisons.ipynb",
+    "case_studies.ipynb",
+]
+# These two only plot benchmarks/results/ (made by benchmarks/run_studies.py): fast, and they must
+# run even where a study has not been run yet (NANO_RLVR_RESULTS points them at another results
+# folder).
 STUDY_NOTEBOOKS = ["03_chapter_comparisons.ipynb", "case_studies.ipynb"]
 # Bounds in CPU time, which a busy machine does not change: plotting takes ~3 s of it here,
 # re-running a study would take minutes.
@@ -39,15 +45,21 @@ if NB_DIR not in sys.path:
 
 @pytest.fixture(scope="module")
 def kernel_name(tmp_path_factory):
-    """A kernel spec that starts `sys.executable -m ipykernel_launcher`, found through JUPYTER_PATH."""
+    """A kernel spec that starts `sys.executable -m ipykernel_launcher`, found through
+    JUPYTER_PATH."""
     jupyter_path = tmp_path_factory.mktemp("jupyter")
     spec_dir = jupyter_path / "kernels" / KERNEL
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "nano-rlvr tests", "language": "python",
-        "env": {"MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore::UserWarning:matplotlib"},
-    }))
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "nano-rlvr tests",
+                "language": "python",
+                "env": {"MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore::UserWarning:matplotlib"},
+            }
+        )
+    )
     old = os.environ.get("JUPYTER_PATH")
     os.environ["JUPYTER_PATH"] = os.pathsep.join([str(jupyter_path)] + ([old] if old else []))
     yield KERNEL
@@ -68,8 +80,12 @@ def execute(nb, kernel_name):
     """Run every cell of nb (in place, in memory); raises CellExecutionError on the first error.
     Returns the wall-clock seconds it took and the CPU seconds (its kernel's and ours)."""
     start, cpu = time.time(), cpu_seconds()
-    NotebookClient(nb, kernel_name=kernel_name, timeout=CELL_TIMEOUT_S,
-                   resources={"metadata": {"path": NB_DIR}}).execute()
+    NotebookClient(
+        nb,
+        kernel_name=kernel_name,
+        timeout=CELL_TIMEOUT_S,
+        resources={"metadata": {"path": NB_DIR}},
+    ).execute()
     return time.time() - start, cpu_seconds() - cpu
 
 
@@ -110,7 +126,9 @@ def test_study_notebook_runs_without_results(name, kernel_name, tmp_path, monkey
     printed = "".join(text_of(c) for c in nb.cells if c.cell_type == "code")
     assert str(tmp_path) in printed, "the notebook did not read NANO_RLVR_RESULTS"
     assert "not run yet" in printed
-    assert not any("image/png" in out.get("data", {}) for c in nb.cells for out in c.get("outputs", []))
+    assert not any(
+        "image/png" in out.get("data", {}) for c in nb.cells for out in c.get("outputs", [])
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,6 +151,7 @@ EXERCISE_NAMES = list(exercise_cells(read(EXERCISES)))
 def test_exercises_are_complete():
     import exercise_checks
     import exercise_solutions
+
     assert len(EXERCISE_NAMES) >= 6, EXERCISE_NAMES
     nb = read(EXERCISES)
     sources = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
@@ -143,7 +162,8 @@ def test_exercises_are_complete():
 
 
 def blank_function(name):
-    """The notebook's own, unfilled function: its first code cell, then the exercise cell, exec'ed."""
+    """The notebook's own, unfilled function: its first code cell, then the exercise cell,
+    exec'ed."""
     nb = read(EXERCISES)
     setup = next(c for c in nb.cells if c.cell_type == "code")
     namespace = {}
@@ -161,30 +181,46 @@ def blank_function(name):
 def test_check_passes_on_solution(name):
     import exercise_checks
     import exercise_solutions
+
     getattr(exercise_checks, f"check_{name}")(getattr(exercise_solutions, name))
 
 
 @pytest.mark.parametrize("name", EXERCISE_NAMES)
 def test_check_fails_on_blank(name):
     import exercise_checks
+
     with pytest.raises(Exception):
         getattr(exercise_checks, f"check_{name}")(blank_function(name))
 
 
 @pytest.mark.parametrize("name", EXERCISE_NAMES)
 def test_check_fails_on_a_plausible_mistake(name):
-    """A check must catch a real mistake too, not only a blank: the solution with one thing wrong."""
+    """A check must catch a real mistake too, not only a blank: the solution with one thing
+    wrong."""
     import exercise_checks
     import exercise_solutions
+
     right = getattr(exercise_solutions, name)
     mistakes = {
-        "group_advantage": lambda r, g: r.view(-1, g).sub(r.view(-1, g).mean(1, keepdim=True)).view(-1),  # no std
-        "kl_estimate": lambda lp, rl, kind: right(rl, lp, kind),  # KL(pi_ref || pi): arguments swapped
-        "dr_grpo_weights": lambda m, t: m / m.sum(1, keepdim=True).clamp(min=1) / m.shape[0],  # per-length again
-        "length_reward": lambda lengths, correct: right(lengths, [True] * len(lengths)),  # bonus for short AND wrong
-        "rloo_advantage": lambda r, g: exercise_solutions.group_advantage(r, g),  # z-score, not leave-one-out
+        "group_advantage": lambda r, g: (
+            r.view(-1, g).sub(r.view(-1, g).mean(1, keepdim=True)).view(-1)
+        ),  # no std
+        "kl_estimate": lambda lp, rl, kind: right(
+            rl, lp, kind
+        ),  # KL(pi_ref || pi): arguments swapped
+        "dr_grpo_weights": lambda m, t: (
+            m / m.sum(1, keepdim=True).clamp(min=1) / m.shape[0]
+        ),  # per-length again
+        "length_reward": lambda lengths, correct: right(
+            lengths, [True] * len(lengths)
+        ),  # bonus for short AND wrong
+        "rloo_advantage": lambda r, g: exercise_solutions.group_advantage(
+            r, g
+        ),  # z-score, not leave-one-out
         "gae": lambda r, v, gamma, lam: right(r, v, gamma, 1.0),  # ignores lambda
-        "subtraction_reward": lambda c, ex: 1.0 if re.search(rf"<answer>\s*{ex['a'] - ex['b']}\s*</answer>", c) else 0.0,
+        "subtraction_reward": lambda c, ex: (
+            1.0 if re.search(rf"<answer>\s*{ex['a'] - ex['b']}\s*</answer>", c) else 0.0
+        ),
         # ^ the FIRST matching tag anywhere, not the last answer
     }
     assert name in mistakes, f"add a plausible mistake for {name}"
@@ -208,14 +244,18 @@ def test_exercises_notebook_runs_with_blanks(kernel_name):
 
 @pytest.mark.timeout(600)
 def test_exercises_notebook_runs_with_solutions(kernel_name):
-    """With each blank replaced by the reference solution: every check PASSES and the tiny run trains."""
+    """With each blank replaced by the reference solution: every check PASSES and the tiny run
+    trains."""
     nb = read(EXERCISES)
     for name, cell in exercise_cells(nb).items():
         cell.source = f"from exercise_solutions import {name}"
     seconds, _ = execute(nb, kernel_name)
     print(f"exercises.ipynb (solutions): {seconds:.1f} s")
     for cell in check_cells(nb):
-        assert "PASSED" in text_of(cell) and "NOT YET" not in text_of(cell), (cell.source, text_of(cell))
+        assert "PASSED" in text_of(cell) and "NOT YET" not in text_of(cell), (
+            cell.source,
+            text_of(cell),
+        )
     printed = "".join(text_of(c) for c in nb.cells if c.cell_type == "code")
     assert "final: acc_before=" in printed, "the training run on the new task did not finish"
 
@@ -225,7 +265,9 @@ def test_committed_notebook_is_executed_and_small(name):
     """Committed with outputs (they read well on GitHub), none an error, every figure small."""
     nb = read(os.path.join(NB_DIR, name))
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.get("execution_count") for c in code), "run the notebook once and commit it with outputs"
+    assert all(c.get("execution_count") for c in code), (
+        "run the notebook once and commit it with outputs"
+    )
     for cell in code:
         for out in cell.get("outputs", []):
             assert out.get("output_type") != "error", cell.source
@@ -241,8 +283,12 @@ def test_notebooks_cite_real_labels_and_show_the_theory_ones():
         pytest.skip("../shared/chapter14/EQUATIONS.md not beside the repo")
     chapter = set(re.findall(r"\*\*\[([A-Z0-9-]+)\]\*\*", open(equations).read()))
     for name in RUN_NOTEBOOKS + ["exercises.ipynb"]:
-        text = "\n".join(c.source for c in read(os.path.join(NB_DIR, name)).cells if c.cell_type == "markdown")
+        text = "\n".join(
+            c.source for c in read(os.path.join(NB_DIR, name)).cells if c.cell_type == "markdown"
+        )
         cited = set(re.findall(r"\[([A-Z][A-Z0-9]*(?:-[A-Z0-9]+)*)\]", text))
-        assert cited <= chapter, f"{name} cites labels the chapter does not have: {sorted(cited - chapter)}"
+        assert cited <= chapter, (
+            f"{name} cites labels the chapter does not have: {sorted(cited - chapter)}"
+        )
         if name == RUN_NOTEBOOKS[0]:
             assert {"J", "RETURN", "TRPO"} <= cited
