@@ -24,7 +24,7 @@ test-all: $(VENV)/.test-stack  # + the slow ones: the variant models' rebuilds, 
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
 
 # the chapter's comparisons (3 seeds each), then the README's R1-Zero figure and the two notebooks
-# that plot them, re-executed in place (~2 h on 2 cores)
+# that plot them, re-executed in place (~1.5 h on 2 cores)
 studies: $(VENV)/.test-stack
 	$(BIN)/python benchmarks/run_studies.py
 	$(BIN)/python benchmarks/plot_r1_zero.py

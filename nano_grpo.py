@@ -234,6 +234,7 @@ def score_steps(samples: list[dict], examples: list[dict], cfg: Config, tokenize
 
 
 # ---- 3. Advantage: how much better an answer did than the rest of its group --------------------
+# ALGO LOGIC, notebooks/exercises.ipynb exercise 1 (the group advantage)
 def group_advantages(rewards_of_answers: torch.Tensor, group_size: int, scale: str = "group"):
     """rewards_of_answers [N*G], groups contiguous -> advantages [N*G].
 
@@ -249,6 +250,7 @@ def group_advantages(rewards_of_answers: torch.Tensor, group_size: int, scale: s
     return centred.view(-1)
 
 
+# ALGO LOGIC, notebooks/exercises.ipynb exercise 5 (RLOO)
 def rloo_advantages(rewards_of_answers: torch.Tensor, group_size: int) -> torch.Tensor:
     """RLOO: baseline = mean reward of the OTHER G-1 answers = G/(G-1) * (r_i - mean)."""
     r = rewards_of_answers.view(-1, group_size)  # [N, G]
@@ -367,6 +369,7 @@ def chunk_logprobs(lm_head, hidden, targets, temperature: float, with_entropy: b
 
 
 # ---- 4b. Loss [GRPO-OBJ]: per token, the PPO-clipped policy term plus beta times the k3 KL -----
+# ALGO LOGIC, notebooks/exercises.ipynb exercise 2 (k1 vs k3)
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """[KL-K3] per-token estimate of KL(pi_theta || pi_ref), >= 0 and unbiased:
     pi_ref/pi_theta - log(pi_ref/pi_theta) - 1."""
@@ -388,6 +391,7 @@ def clipped_policy_loss(logp, old_logp, advantages, epsilon: float, epsilon_high
     return -torch.min(unclipped, clipped), (clipped < unclipped).float()
 
 
+# ALGO LOGIC, notebooks/exercises.ipynb exercise 3 (Dr. GRPO's normaliser)
 def loss_weights(response_mask, loss_agg: str, max_new_tokens: int, n_seqs=None, n_tokens=None):
     """[B, T] weights w such that loss = sum(w * token_loss) over the WHOLE batch.
 

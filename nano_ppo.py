@@ -346,6 +346,7 @@ def adaptive_kl_beta(beta: float, kl: float, target: float, horizon: int, n_answ
     return beta * (1 + error * n_answers / horizon)
 
 
+# ALGO LOGIC, notebooks/exercises.ipynb exercise 6 (GAE)
 def gae_advantages(rewards, values, mask, gamma: float, lam: float):
     """[GAE] computed backwards over each row's answer tokens; the value after the last one is 0.
     rewards, values, mask [B, T]; each row's answer is one run of 1s in the mask.
@@ -408,6 +409,7 @@ def clipped_value_loss(vpred, old_values, returns, cliprange_value: float):
     return 0.5 * torch.max(unclipped, clipped), (clipped > unclipped).float()
 
 
+# ALGO LOGIC, notebooks/exercises.ipynb exercise 3 (Dr. GRPO's normaliser)
 def loss_weights(response_mask, loss_agg: str, max_new_tokens: int, n_seqs=None, n_tokens=None):
     """[B, T] weights w such that loss = sum(w * token_loss) over the WHOLE batch.
 

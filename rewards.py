@@ -299,6 +299,7 @@ def code_reward(
     return sum(mark == b"1" for mark in marks) / len(tests)
 
 
+# ALGO LOGIC, notebooks/exercises.ipynb exercise 7 (a new verifier, modelled on this one)
 def addition_reward(completion: str, example: dict) -> float:
     """[R-BIN] for the tiny task: the answer must be exactly the sum, written as an integer.
 
@@ -352,6 +353,7 @@ def format_reward(completion: str) -> float:
     return 1.0 if isinstance(completion, str) and _FORMAT.fullmatch(completion) else 0.0
 
 
+# ALGO LOGIC, notebooks/exercises.ipynb exercise 4 (Kimi's length reward)
 def length_rewards(lengths: list[int], correct: list[bool]) -> list[float]:
     """[R-LEN] Kimi k1.5's length reward for one group of answers to the same question:
     lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len). A correct answer gets lambda_i

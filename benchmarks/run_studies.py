@@ -199,7 +199,8 @@ def code_version() -> str:
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
 
-    diff = git("diff", "HEAD", "--", "nano_grpo.py", "nano_ppo.py", "rewards.py", "assets")
+    code = ["nano_grpo.py", "nano_ppo.py", "rewards.py", "assets", ":(exclude)*.md"]  # not docs
+    diff = git("diff", "HEAD", "--", *code)
     commit = git("rev-parse", "--short", "HEAD").strip() or "?"
     changed = hashlib.sha256(diff.encode()).hexdigest()[:10]
     return commit + (f" + uncommitted changes {changed}" if diff else "")
