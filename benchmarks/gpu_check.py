@@ -27,6 +27,9 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import memory_check  # noqa: E402  the CPU check's random rollout samples
+
 PEAK_TOLERANCE = 1.15  # a measured peak may exceed the plan by 15% at most
 TINY_STEPS = {"cuda": 30, "cpu": 12}  # part (a): the carry is learned within ~20 steps
 UPDATES = [("grpo", "gpu"), ("ppo", "gpu"), ("grpo", "gpu-countdown"), ("ppo", "gpu-countdown")]
@@ -55,20 +58,7 @@ def tiny_run(device: str) -> bool:
 def synthetic_batch(module, cfg, rows: int, prompt: int, vocab: int) -> dict:
     """make_batch of rows random answers, each max_new_tokens long after a prompt of `prompt`
     tokens (the plan's widest batch), rewards alternating 0/1, with what train_on_batch needs."""
-    g = torch.Generator().manual_seed(0)
-    samples = []
-    for i in range(rows):
-        ids = torch.randint(10, vocab, (prompt + cfg.max_new_tokens,), generator=g).tolist()
-        samples.append(
-            dict(
-                prompt_ids=ids[:prompt],
-                response_ids=ids[prompt:],
-                truncated=True,
-                reward=float(i % 2),
-                components={"correct": float(i % 2)},
-                rollout_logprobs=None,
-            )
-        )
+    samples = memory_check.synthetic_samples(rows, prompt, cfg.max_new_tokens, vocab)
     batch = module.make_batch(samples, pad_id=0)
     if hasattr(module, "token_advantages"):
         batch["advantages"] = module.token_advantages(samples, batch["response_mask"], cfg)
