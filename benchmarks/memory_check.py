@@ -35,6 +35,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import preflight  # noqa: E402
+
 QWEN_VOCAB = 151_936
 
 
@@ -118,7 +120,7 @@ def setup(c: dict):
 
     module = __import__(f"nano_{c['script']}")
     cfg = module.Config(
-        bf16=c["bf16"],
+        precision="bf16" if c["bf16"] else "fp32",
         gradient_checkpointing=c["gc"],
         micro_batch_size=c["rows"],
         max_new_tokens=c["answer"],
@@ -140,7 +142,7 @@ def setup(c: dict):
             model,
             lambda: module.generate_hf(model, prompts, 1, 1.0, c["answer"], stop, 0),
         )
-    ref = copy.deepcopy(model).to(torch.bfloat16 if cfg.bf16 else torch.float32)
+    ref = copy.deepcopy(model).to(torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     ref.eval().requires_grad_(False)
     batch = module.make_batch(samples, pad_id=0)
 
@@ -197,7 +199,7 @@ def rss_peak(fn) -> int:
 
 def planned(module, cfg, model, c: dict) -> dict:
     """The plan's prediction for the measured call, and the parts it comes from."""
-    plan = module.memory_plan(cfg, model.config.to_dict(), 0.0, prompt_tokens=c["prompt"])
+    plan = preflight.memory_plan(cfg, model.config.to_dict(), 0.0, prompt_tokens=c["prompt"])
     if c.get("kind") == "generate":
         parts = [p for p in plan["parts"] if p[0].startswith("HF generate")]
         return dict(plan=sum(b for _, b, _ in parts), parts=parts)

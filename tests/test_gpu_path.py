@@ -210,7 +210,7 @@ def test_bf16_sync_check_calibrates_and_catches_a_missed_step():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process, as start_vllm
     from vllm import LLM
 
-    cfg = G.Config(bf16=True)
+    cfg = G.Config(precision="bf16")
     engine = dict(dtype="bfloat16", enforce_eager=True, seed=0, max_model_len=128)
     llm = LLM(model=TINY_MODEL, **engine, kv_cache_memory_bytes=64 * 2**20)
     model, tok = G.load_model(TINY_MODEL, cfg)

@@ -17,6 +17,7 @@ from helpers import ROOT, TINY_MODEL, random_model
 
 import nano_grpo as G
 import nano_ppo as P
+import preflight as PF
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import gpu_check  # noqa: E402
@@ -31,10 +32,10 @@ def test_parameter_counts_by_hand():
     # 0.5B: h 896, MLP 4864, 14 x 64 query, 2 x 64 key/value widths, 24 layers, V 151,936, tied.
     # a layer: q,k,v 896 x (896 + 2 x 128) + their biases 1,152 + o 896 x 896 + MLP 3 x 896 x 4864
     # + 2 norms x 896 = 14,912,384; + embedding 151,936 x 896 + final norm 896
-    assert G.model_sizes(G.model_config(SMALL))["params"] == 24 * 14_912_384 + 136_134_656 + 896
+    assert PF.model_sizes(PF.model_config(SMALL))["params"] == 24 * 14_912_384 + 136_134_656 + 896
     # 3B: h 2048, MLP 11008, 16 x 128, 2 x 128, 36 layers: a layer 77,076,992
-    assert G.model_sizes(G.model_config(LARGE))["params"] == 36 * 77_076_992 + 311_164_928 + 2048
-    assert G.model_sizes(G.model_config(SMALL))["params"] == 494_032_768  # the model card: 0.49 B
+    assert PF.model_sizes(PF.model_config(LARGE))["params"] == 36 * 77_076_992 + 311_164_928 + 2048
+    assert PF.model_sizes(PF.model_config(SMALL))["params"] == 494_032_768  # the model card: 0.49 B
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -47,13 +48,13 @@ def test_parameter_count_equals_a_real_model(tied):
             type(model.config)(**{**model.config.to_dict(), "tie_word_embeddings": False})
         )
     counted = sum(p.numel() for p in model.parameters())  # a tied weight once
-    assert G.model_sizes(model.config.to_dict())["params"] == counted
+    assert PF.model_sizes(model.config.to_dict())["params"] == counted
 
 
 def test_config_from_a_folder_from_the_shipped_copies_or_none():
-    assert G.model_config(TINY_MODEL) == json.load(open(os.path.join(TINY_MODEL, "config.json")))
-    assert G.model_config(LARGE)["num_hidden_layers"] == 36  # offline (conftest): the shipped copy
-    assert G.model_config("nobody/no-such-model") is None
+    assert PF.model_config(TINY_MODEL) == json.load(open(os.path.join(TINY_MODEL, "config.json")))
+    assert PF.model_config(LARGE)["num_hidden_layers"] == 36  # offline (conftest): the shipped copy
+    assert PF.model_config("nobody/no-such-model") is None
     with pytest.raises(SystemExit, match="no config.json"):
         G.main(G.parse_config(["--model", "nobody/no-such-model", "--dry_run"]))
 
@@ -61,7 +62,7 @@ def test_config_from_a_folder_from_the_shipped_copies_or_none():
 # ---- the presets' plans, by hand -----------------------------------------------------------------
 def plan_of(module, preset, **flags):
     cfg = module.Config(**{**module.PRESETS[preset], "preset": preset, "rollout": "vllm", **flags})
-    return module.memory_plan(cfg, module.model_config(cfg.model), module.PRESET_CARD_GIB[preset])
+    return PF.memory_plan(cfg, PF.model_config(cfg.model), PF.PRESET_CARD_GIB[preset])
 
 
 def part(plan, name):
@@ -119,9 +120,9 @@ def test_countdown_preset_by_hand():
 def test_ppo_presets_add_the_critic_forward_and_pi_old(preset):
     grpo, ppo = plan_of(G, preset), plan_of(P, preset)
     cfg = P.Config(**{**P.PRESETS[preset], "preset": preset})
-    s = P.model_sizes(P.model_config(cfg.model))
-    tokens = cfg.micro_batch_size * (P.PLAN_PROMPT_TOKENS + cfg.max_new_tokens)
-    critic_kept = P.kept_bytes(s, tokens, cfg)  # the shared trunk's second forward
+    s = PF.model_sizes(PF.model_config(cfg.model))
+    tokens = cfg.micro_batch_size * (PF.PLAN_PROMPT_TOKENS + cfg.max_new_tokens)
+    critic_kept = PF.kept_bytes(s, tokens, cfg)  # the shared trunk's second forward
     assert cfg.micro_batch_size == G.PRESETS[preset]["micro_batch_size"]
     assert part(ppo, "activations + a layer") == part(grpo, "activations + a layer") + critic_kept
     assert part(ppo, "no-grad pass: the policy") > 0 and not any(
@@ -147,7 +148,7 @@ def test_gpu_presets_fit_their_cards_with_10_percent_to_spare(module, preset, ca
     peak, card = map(
         float, re.fullmatch(r"memory plan: peak (\S+) GiB of (\S+) GiB", lines[-1]).groups()
     )
-    assert card == G.PRESET_CARD_GIB[preset] and peak <= 0.9 * card
+    assert card == PF.PRESET_CARD_GIB[preset] and peak <= 0.9 * card
     for name in ("weights", "AdamW", "reference", "gradients", "logits chunk", "vLLM awake"):
         assert any(line.lstrip().startswith(name) or name in line for line in lines), name
 
@@ -187,22 +188,23 @@ def test_a_plan_that_cannot_fit_exits_1_with_one_line_naming_a_fix(module, flags
 
 
 def test_a_cuda_run_prints_the_plan_and_refuses_too_small_a_card(monkeypatch, capsys):
-    cfg = G.Config(**{**G.PRESETS["gpu"], "preset": "gpu"})
+    cfg = G.Config(**{**G.PRESETS["cpu-demo"], "preset": "cpu-demo"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert G.check_memory(cfg) is None and capsys.readouterr().out == ""  # CPU: nothing
+    assert PF.check(cfg) is None and capsys.readouterr().out == ""  # CPU: nothing
+    cfg = G.Config(**{**G.PRESETS["gpu"], "preset": "gpu", "precision": "bf16"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    card = types.SimpleNamespace(total_memory=80 * GIB)
+    card = types.SimpleNamespace(total_memory=80 * GIB, name="A100", major=8, minor=0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: card)
-    assert G.check_memory(cfg) is None  # fits: the run goes on
+    assert PF.check(cfg) is None  # fits: the run goes on
     assert (
         capsys.readouterr().out.strip().splitlines()[-1] == "memory plan: peak 32.1 GiB of 80 GiB"
     )
     card.total_memory = 20 * GIB
     with pytest.raises(SystemExit, match="does not fit 20 GiB; try --gpu_memory_utilization 0.25"):
-        G.check_memory(dataclasses.replace(cfg, gpu_memory_utilization=0.6))
-    card.total_memory = 12 * GIB  # the weights, AdamW and a training step alone take 11.8 GiB
+        PF.check(dataclasses.replace(cfg, gpu_memory_utilization=0.6))
+    card.total_memory = 10 * GIB  # the weights, AdamW and a training step alone take 11.8 GiB
     with pytest.raises(SystemExit, match="no single flag makes it fit: a larger GPU, or --fsdp"):
-        G.check_memory(cfg)
+        PF.check(cfg)
 
 
 # ---- the plan against a measured peak (CPU) ----------------------------------------------------
@@ -252,10 +254,10 @@ def test_gpu_check_compares_with_the_plan_and_builds_its_batches():
     assert "OVER THE PLAN" in line and "1.20" in line and "500 tokens/s" in line
     for module in (G, P):
         cfg = module.Config(**{**module.PRESETS["gpu"], "preset": "gpu"})
-        batch = gpu_check.synthetic_batch(module, cfg, 8, module.PLAN_PROMPT_TOKENS, 300)
-        assert batch["input_ids"].shape == (8, module.PLAN_PROMPT_TOKENS + cfg.max_new_tokens)
+        batch = gpu_check.synthetic_batch(module, cfg, 8, PF.PLAN_PROMPT_TOKENS, 300)
+        assert batch["input_ids"].shape == (8, PF.PLAN_PROMPT_TOKENS + cfg.max_new_tokens)
         assert ("advantages" in batch) == (module is G) and ("scores" in batch) == (module is P)
-    assert {preset for _, preset in gpu_check.UPDATES} == set(G.PRESET_CARD_GIB)
+    assert {preset for _, preset in gpu_check.UPDATES} == set(PF.PRESET_CARD_GIB)
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ DIFFER_BY_DESIGN = {
     "PRESET_ABOUT": "each algorithm's presets",
     "CHOICES": "each algorithm's flags",
     "CURVES": "each algorithm's health curves",
-    "algorithm_memory": "the memory plan's per-algorithm lines: PPO's critic, GRPO's offline RFT",
 }
 
 

@@ -1,0 +1,519 @@
+"""preflight.py - what nano_grpo.py and nano_ppo.py check before anything loads. Not the
+algorithm and not the loop: both scripts import it, as nanoGPT's train.py imports configurator.py.
+
+  1. Flags: the preset, then the flags, read into the script's Config (parse_flags).
+  2. The card: which GPU there is (or one simulated with --dry_run --gpu_memory_gib G
+     --gpu_capability X.Y), the precision it takes (--precision auto: bf16 from compute
+     capability 8.0, the Ampere cards, else fp16), the sizes a GPU preset takes on it, and what
+     the host needs for vLLM (a CUDA device, a driver new enough for the build, a card vLLM has
+     kernels for, a C compiler and Python's headers for Triton). Each refusal is one line that
+     names the fix, before a model or an engine loads.
+  3. The memory plan: what one GPU holds, part by part, from the model's config.json alone.
+"""
+
+import ctypes
+import dataclasses
+import importlib.util
+import inspect
+import json
+import os
+import re
+import shutil
+import sys
+import sysconfig
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# sizes the scripts and the plan share
+LOGITS_PER_CHUNK = 2**26  # logits made at once by token_logprobs: 64M, ~1.2 GB with temporaries
+HF_BATCH = 256  # rows per model.generate call in generate_hf
+PROBE_TOKENS = 512  # the sync check compares the log-probs of this many held-out prompt tokens
+
+
+def say(*args):
+    """print, from the first process only (torchrun sets RANK)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args)
+
+
+# ---- 1. Flags ---------------------------------------------------------------------------------
+def parse_flags(Config, presets: dict, about: dict, choices: dict, card_sizes: dict, argv=None):
+    """Flags override the card's sizes (card_sizes: a GPU preset on a smaller card), which
+    override the preset, which overrides the dataclass defaults. Each flag's help is the comment
+    at the end of its Config line. --bf16 is an alias of --precision bf16."""
+    import argparse
+
+    script = sys.modules[Config.__module__]
+    parser = argparse.ArgumentParser(description=script.__doc__.split("\n")[0])
+    helps = dict(re.findall(r"^    (\w+): .+?  # (.+)$", inspect.getsource(Config), flags=re.M))
+    for f in dataclasses.fields(Config):
+        kind = dict(type=f.type)
+        if f.type is bool:  # --flag, --flag true, --flag false
+            kind = dict(type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True)
+        parser.add_argument(f"--{f.name}", default=None, help=helps[f.name], **kind)
+    parser.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
+    args = parser.parse_args(argv)
+    if args.bf16:
+        args.precision = args.precision or "bf16"
+    del args.bf16
+    preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu-demo")
+    if preset not in presets:
+        sys.exit(f"error: unknown preset {preset!r}; choose one of: {', '.join(presets)}")
+    cfg = Config(**{**presets[preset], "preset": preset})
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "preset"}
+    for key, value in given.items():
+        setattr(cfg, key, value)
+    if args.rollout is None and importlib.util.find_spec("vllm") is None:
+        cfg.rollout = "hf"  # asked for nothing and vLLM is missing: fall back (asking is an error)
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            sys.exit(f"error: --{key} {getattr(cfg, key)!r} is not one of: {', '.join(allowed)}")
+    if cfg.gpu_capability and not cfg.dry_run:
+        sys.exit("error: --gpu_capability simulates a card: only with --dry_run")
+    card = find_card(cfg)
+    sized = fit_card(cfg, card, card_sizes.get(preset, []), given)
+    cfg.precision = card_precision(cfg, card)
+    cuda = torch.cuda.is_available()
+    why = "--preset" if args.preset else f"default: {'a' if cuda else 'no'} CUDA GPU is present"
+    say(f"preset {preset} ({why}): {about[preset]}; rollouts by {cfg.rollout}")
+    if card:
+        say(f"card: {card_line(card)}; precision: {cfg.precision}{sized}")
+    return cfg
+
+
+# ---- 2. The card, and what the host needs -----------------------------------------------------
+GIB = 2**30
+PRESET_CARD_GIB = {"gpu": 24, "gpu-countdown": 80}  # the card each GPU preset is written for
+VLLM_MIN_CAPABILITY = 7.5  # vLLM 0.33's CUDA kernels start at sm_75 (T4, RTX 20xx): no V100
+BF16_MIN_CAPABILITY = 8.0  # bf16 from Ampere (A100, RTX 30xx) on; a T4 or V100 takes fp16
+DRIVER_FOR_CUDA = {13: "R580", 12: "R525"}  # the oldest driver branch a CUDA major runs on
+
+
+def find_card(cfg) -> dict | None:
+    """The GPU the run will have: name, gib, capability (7.5 for sm_75), simulated. With CUDA,
+    the first visible device (--gpu_memory_gib may give the plan less memory); with --dry_run and
+    no GPU (or --gpu_capability) a simulated card: --gpu_memory_gib (else the preset's card) and
+    --gpu_capability (else a bf16 card, 8.0). None: a CPU run."""
+    if torch.cuda.is_available() and not cfg.gpu_capability:
+        p = torch.cuda.get_device_properties(0)
+        gib = cfg.gpu_memory_gib or p.total_memory / GIB
+        return dict(name=p.name, gib=gib, capability=p.major + p.minor / 10, simulated=False)
+    if not cfg.dry_run:
+        return None
+    gib = cfg.gpu_memory_gib or PRESET_CARD_GIB.get(cfg.preset, 0.0)
+    capability = cfg.gpu_capability or BF16_MIN_CAPABILITY
+    return dict(name="a simulated card", gib=gib, capability=capability, simulated=True)
+
+
+def card_line(card: dict) -> str:
+    memory = f"{card['gib']:.3g} GiB" if card["gib"] else "memory not given (--gpu_memory_gib)"
+    return f"{card['name']}, {memory}, compute capability {card['capability']:.1f}"
+
+
+def card_precision(cfg, card: dict | None) -> str:
+    """--precision auto: bf16 where the card has it (compute capability >= 8.0), fp16 on older
+    cards (a T4), fp32 on a CPU. bf16 asked of a card without it is refused."""
+    has_bf16 = card is not None and card["capability"] >= BF16_MIN_CAPABILITY
+    if cfg.precision == "auto":
+        return "fp32" if card is None else "bf16" if has_bf16 else "fp16"
+    if cfg.precision == "bf16" and card is not None and not has_bf16:
+        sys.exit(
+            f"error: --precision bf16: {card_line(card)}, and bf16 needs 8.0 (Ampere) or newer; "
+            "use --precision fp16 (or auto)"
+        )
+    return cfg.precision
+
+
+def fit_card(cfg, card: dict | None, sizes: list, given: dict) -> str:
+    """A GPU preset on a smaller card: sizes = [(the smallest card, GiB, {flag: value}, what)],
+    largest first; the first the card reaches sets those flags (unless given on the command
+    line). Below the last: refused, naming the smallest card that works. Returns what was said."""
+    if card is None or not sizes or not card["gib"]:
+        return ""
+    for smallest, values, what in sizes:
+        if card["gib"] >= smallest:
+            chosen = {k: v for k, v in values.items() if k not in given}
+            for key, value in chosen.items():
+                setattr(cfg, key, value)
+            shown = ", ".join(f"{k} {v}" for k, v in chosen.items()) or "as the preset says"
+            return f"; sizes for {what}: {shown}"
+    smallest, _, what = sizes[-1]
+    sys.exit(
+        f"error: --preset {cfg.preset} needs a card of at least {smallest} GiB ({what}); this "
+        f"one has {card['gib']:.3g} GiB: use a larger GPU (Colab's free T4 has 15), or "
+        "--preset cpu-demo"
+    )
+
+
+def check(cfg):
+    """At the start of main, before anything loads: on a GPU (or with --dry_run, on a simulated
+    card) the card and host checks, then the memory plan, printed. Each refusal is one line
+    naming the fix; --dry_run stops here, exit 0 if all passed, 1 at the first refusal, as a
+    real start would. A CPU run of a CPU preset checks nothing."""
+    card = find_card(cfg)
+    if card is None:
+        if cfg.preset in PRESET_CARD_GIB:
+            sys.exit(no_cuda_line(cfg))
+        return
+    if cfg.rollout == "vllm":
+        check_vllm_host(cfg, card)
+    check_memory(cfg, card)
+
+
+def no_cuda_line(cfg) -> str:
+    """Why a GPU preset sees no GPU, as far as this process can tell, and the fix."""
+    built, driver = torch.version.cuda, cuda_driver_version()
+    want = f"error: --preset {cfg.preset} needs a CUDA GPU"
+    if built is None:
+        return (
+            f"{want}, and this torch {torch.__version__} is a CPU build: install the GPU stack on "
+            "the GPU machine (make demo), or run --preset cpu-demo"
+        )
+    if driver is None:
+        return (
+            f"{want}, and no NVIDIA driver answers: `nvidia-smi` shows the card and its driver "
+            "(Colab: Runtime > Change runtime type > T4 GPU), or run --preset cpu-demo"
+        )
+    if version(driver) < version(built):
+        branch = DRIVER_FOR_CUDA.get(version(built)[0], "a newer one")
+        return (
+            f"{want}: the NVIDIA driver runs CUDA up to {driver}, and this torch is built for "
+            f"CUDA {built}: update the driver to {branch} or newer (`nvidia-smi` shows yours)"
+        )
+    return (
+        f"{want}, and torch sees none (driver CUDA {driver}, torch built for {built}): check "
+        "CUDA_VISIBLE_DEVICES and `nvidia-smi`"
+    )
+
+
+def cuda_driver_version() -> str | None:
+    """The newest CUDA version the installed NVIDIA driver runs, e.g. "13.0" (libcuda's
+    cuDriverGetVersion: no CUDA context needed), or None where there is no driver."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    value = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(value)) != 0:
+        return None
+    return f"{value.value // 1000}.{value.value % 1000 // 10}"
+
+
+def version(text: str) -> tuple:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
+
+
+def check_vllm_host(cfg, card: dict):
+    """What vLLM 0.33 needs of the card and the host: kernels for the card (sm_75 and newer), and
+    for Triton (its default runner's kernels) a C compiler and Python's headers, with which
+    Triton builds a small C module at the first generate."""
+    if card["capability"] < VLLM_MIN_CAPABILITY:
+        hf = dataclasses.replace(cfg, rollout="hf")
+        m, fits = model_config(cfg.model), ""
+        if m is not None:
+            plan = memory_plan(hf, m, card["gib"])
+            fits = (
+                f" (it fits: peak {plan['peak'] / GIB:.1f} GiB of {card['gib']:.3g})"
+                if plan["fits"] or not card["gib"]
+                else f"; {memory_fix(hf, m, card['gib'])}"
+            )
+        sys.exit(
+            f"error: {card_line(card)}: vLLM 0.33 has kernels for 7.5 and newer only; sample "
+            f"with transformers instead: --rollout hf{fits}"
+        )
+    compiler = os.environ.get("CC") or next(
+        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None
+    )
+    python = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if not compiler or not shutil.which(compiler):
+        sys.exit(
+            "error: no C compiler on this host, and vLLM's Triton kernels build a C module at "
+            "the first generate: install one (apt-get install build-essential), or --rollout hf"
+        )
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        sys.exit(
+            f"error: no Python.h for {python}, and vLLM's Triton kernels compile against it: "
+            f"install the headers (apt-get install {python}-dev), or --rollout hf"
+        )
+
+
+def check_memory(cfg, card: dict):
+    """Print the memory plan, and stop when it does not fit the card, with one line that names a
+    fix. --dry_run stops either way: exit 0 if it fits, 1 if not."""
+    m = model_config(cfg.model)
+    if m is None and cfg.dry_run:
+        sys.exit(f"error: no config.json for {cfg.model!r}: pass a local folder, or go online")
+    if m is None:
+        return say(f"memory plan: skipped, no config.json for {cfg.model!r}")
+    plan = memory_plan(cfg, m, card["gib"])
+    say("\n".join(plan_lines(plan, cfg)))
+    if card["gib"] and not plan["fits"]:
+        fix = memory_fix(cfg, m, card["gib"])
+        sys.exit(f"error: the plan does not fit {card['gib']:.3g} GiB; {fix}")
+    if cfg.dry_run:
+        sys.exit(0)
+
+
+def half(cfg) -> bool:
+    """Whether the trainer computes in 16 bits (bf16 or fp16 autocast; "auto" is one of them on
+    any GPU). Either takes the same memory."""
+    return cfg.precision != "fp32"
+
+
+# ---- 3. The memory plan -------------------------------------------------------------------------
+# What one GPU holds, from the model's config.json alone, for the code as it is. Two phases take
+# turns. ROLLOUT: the engine, awake, beside the trainer's weights, AdamW moments and reference
+# model; no gradients (they are freed after each update). TRAINING: the gradients, and one
+# micro-batch's forward and backward, whose peak is the largest of a few moments (a logits
+# chunk's backward, a layer's, the LM head's and the embedding's gradients), or a no-grad
+# log-prob pass; with --vllm_sleep the engine keeps only a residue. The peak is the larger phase
+# + the CUDA context + the allocator's slack. Checked against measured peaks on CPU at small
+# scale (benchmarks/memory_check.py) and on a GPU (benchmarks/gpu_check.py).
+PLAN_PROMPT_TOKENS = 256  # prompt tokens the plan assumes: GSM8K's longest prompts, ~250
+CUDA_CONTEXT_GIB = 0.75  # CUDA context and cuBLAS workspaces: outside torch's allocator
+ENGINE_ASLEEP_GIB = 1.0  # what vLLM 0.33 keeps asleep: CUDA graphs, NCCL, its own buffers
+ENGINE_FLOOR_GIB = 2.0  # vLLM's share beyond its bf16 weights: profiling peak, graphs, KV cache
+ALLOCATOR_SLACK = 0.05  # fragmentation in torch's caching allocator, a share of the trainer's
+
+
+def model_config(name: str) -> dict | None:
+    """The model's config.json (no weights needed): a local folder's own; for a hub id, the copy
+    shipped for the presets' models (assets/model_configs/<org>/<name>/: verbatim, and no network
+    needed), else transformers' AutoConfig (the HF cache, or online). None if there is none."""
+    shipped = os.path.join(HERE, "assets", "model_configs", name, "config.json")
+    for path in (os.path.join(name, "config.json"), shipped):
+        if os.path.exists(path):
+            return json.load(open(path))
+    if os.path.isdir(name):
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(name).to_dict()
+    except Exception:  # offline and not cached, or no such model
+        return None
+
+
+def model_sizes(m: dict) -> dict:
+    """What the plan needs from a Llama/Qwen2-style config.json: widths h (hidden), i (MLP), q
+    (queries), kv (keys, values); vocabulary v; n layers; the parameters of a layer, of the
+    trunk (no LM head) and of the model (a tied LM head is the embedding: counted once).
+    Qwen2's q, k and v projections have biases."""
+    h, heads, i = m["hidden_size"], m["num_attention_heads"], m["intermediate_size"]
+    d = m.get("head_dim") or h // heads
+    q, kv = heads * d, m.get("num_key_value_heads", heads) * d
+    v, n, tied = m["vocab_size"], m["num_hidden_layers"], m.get("tie_word_embeddings", True)
+    bias = q + 2 * kv if m.get("attention_bias", m.get("model_type") == "qwen2") else 0
+    layer = h * (q + 2 * kv) + bias + q * h + 3 * h * i + 2 * h  # attention, MLP, 2 norms
+    trunk = v * h + n * layer + h  # embeddings, layers, final norm
+    params = trunk + (0 if tied else v * h)
+    return dict(h=h, i=i, q=q, kv=kv, v=v, n=n, tied=tied, layer=layer, trunk=trunk, params=params)
+
+
+def layer_bytes(s: dict, bf16: bool) -> int:
+    """Bytes per token that one decoder layer keeps for its backward, besides its input (Qwen2
+    in transformers 5 under autocast; autograd saves only what a gradient needs): six [h]-wide
+    fp32 tensors' worth (its RMSNorms' tensors, each linear's own bf16 copy of its input), four
+    [q]-wide (q and K, V repeated to every head for sdpa, the attention output) and four
+    [i]-wide (the SwiGLU's) in bf16; fp32 without --bf16. Measured: benchmarks/memory_check.py."""
+    a = 2 if bf16 else 4
+    return 6 * 4 * s["h"] + 4 * a * (s["q"] + s["i"])
+
+
+def kept_bytes(s: dict, tokens: int, cfg) -> float:
+    """What a forward through the trunk keeps for its backward: with --gradient_checkpointing
+    each layer's fp32 input (a layer is recomputed when its backward comes); without, every
+    layer's activations and, under autocast, bf16 copies of its weights. Plus the final norm's."""
+    if cfg.gradient_checkpointing:
+        return tokens * (s["n"] + 3) * 4 * s["h"]
+    copies = 2 * s["n"] * s["layer"] if half(cfg) else 0
+    return tokens * (s["n"] * (4 * s["h"] + layer_bytes(s, half(cfg))) + 3 * 4 * s["h"]) + copies
+
+
+def chunk_logits(s: dict, rows: int, length: int) -> int:
+    """Logits one chunk of token_logprobs makes at once: rows x positions x vocabulary."""
+    width = min(max(1, LOGITS_PER_CHUNK // (rows * s["v"])), length - 1)
+    return rows * width * s["v"]
+
+
+def memory_plan(cfg, m: dict, card_gib: float, prompt_tokens=PLAN_PROMPT_TOKENS) -> dict:
+    """The plan: "parts", [(what, bytes, when)], when: "held" (both phases), "rollout",
+    "training", "step" (with the gradients), "moment" (in a backward, one at a time: the largest
+    counts) or "pass" (a no-grad pass, before the gradients exist: the largest counts, instead of
+    step + moment). The engine's parts are named "vLLM ...". Bytes; totals: plan_totals."""
+    s, world = model_sizes(m), int(os.environ.get("WORLD_SIZE", 1)) if cfg.fsdp else 1
+    n, rows, length = s["params"] / world, cfg.micro_batch_size, prompt_tokens + cfg.max_new_tokens
+    parts = [("weights, fp32", 4 * n, "held"), ("AdamW moments, 2 x fp32", 8 * n, "held")]
+    size, precision = (2, cfg.precision) if half(cfg) else (4, "fp32")
+    parts += [(f"reference model, {precision}", size * n, "held")] if cfg.beta > 0 else []
+    parts += rollout_parts(cfg, s, card_gib, prompt_tokens)
+    critic, critic_kept, policy_pass = algorithm_memory(cfg, s, rows * length, world)
+    parts += [("gradients, fp32", 4 * n, "step")] + critic
+    parts += backward_moments(s, rows, length, cfg, critic_kept)
+    parts += pass_moments(s, rows, length, cfg, policy_pass)
+    if world > 1:  # FSDP: the root (embedding, head, norm) stays whole through forward + backward
+        root = s["params"] - s["n"] * s["layer"]
+        parts += [("FSDP: root and 2 layers gathered", 4 * (root + 2 * s["layer"]), "training")]
+    return plan_totals(parts, card_gib, s)
+
+
+def rollout_parts(cfg, s: dict, card_gib: float, prompt_tokens: int) -> list:
+    """The rollout side. vLLM: its share, gpu_memory_utilization x the card (held throughout
+    without --vllm_sleep; asleep, a residue), and the sync check's forward over the probe. HF
+    (model.generate, fp32, no autocast): the KV cache of generate_hf's rows, then the larger of
+    the prompts' forward (three [i]-wide tensors of the SwiGLU at once, K and V repeated) and a
+    new token's [rows, V] scores (7 fp32 copies: logits, the processors', log-softmax, softmax)."""
+    if cfg.rollout == "hf":
+        rows = min(HF_BATCH, max(cfg.prompts_per_step * cfg.group_size, cfg.eval_size))
+        kv_cache = rows * (prompt_tokens + cfg.max_new_tokens) * s["n"] * 2 * s["kv"] * 4
+        prompts = rows * prompt_tokens * 4 * (3 * s["i"] + 4 * s["h"] + 2 * s["q"])
+        cache = ("HF generate: KV cache, fp32", kv_cache, "rollout")
+        step = max(prompts, rows * s["v"] * 7 * 4)
+        return [cache, ("HF generate: the prompts' forward, or scores", step, "rollout")]
+    probe = pass_moments(s, 1, PROBE_TOKENS, dataclasses.replace(cfg, beta=0), True)[0][1]
+    parts = [("sync check: the probe's forward", probe if cfg.sync_check else 0, "rollout")]
+    engine = cfg.gpu_memory_utilization * card_gib * GIB
+    if not cfg.vllm_sleep:
+        return parts + [("vLLM: its memory share, awake throughout", engine, "held")]
+    parts += [("vLLM awake: its memory share", engine, "rollout")]
+    return parts + [("vLLM asleep: CUDA graphs, buffers", ENGINE_ASLEEP_GIB * GIB, "training")]
+
+
+def backward_moments(s: dict, rows: int, length: int, cfg, critic_kept: float) -> list:
+    """A micro-batch's backward, moment by moment, on top of the gradients; what the forwards
+    keep (kept_bytes: the policy's, and the critic's while its backward runs first) is alive in
+    all but the last. Measured (benchmarks/memory_check.py): a logits chunk's backward peaks at
+    20 B per logit (the recomputed fp32 logits, two fp32 gradients, logsumexp's temporaries) + the
+    head's bf16 copy; the head's weight gradient comes in bf16, then fp32. A tied head's gradient
+    waits in autograd's buffer from the first chunk to the embedding's backward, where the two
+    are summed: three V x H fp32 tensors at once."""
+    tokens, chunk, v_h = rows * length, chunk_logits(s, rows, length), s["v"] * s["h"]
+    kept, a = kept_bytes(s, tokens, cfg), 2 if half(cfg) else 4
+    held = 4 * v_h if s["tied"] else 0  # the tied head's gradient, waiting for the embedding's
+    later = held if chunk < rows * (length - 1) * s["v"] else 0  # from the second chunk on
+    copy = 2 * v_h if half(cfg) else 0  # autocast's bf16 copy of the head (no weight cache)
+    head = 8 * v_h if half(cfg) else 4 * v_h  # its weight gradient: the copy, bf16, then fp32
+    layer = tokens * 4 * (s["h"] + (a - 1) * s["i"]) + 6 * s["h"] * s["i"]  # its gradients
+    if cfg.gradient_checkpointing:  # the layer recomputed, with bf16 copies of its weights
+        layer += tokens * layer_bytes(s, half(cfg)) + (2 * s["layer"] if half(cfg) else 0)
+    return [
+        ("activations + a logits chunk's backward", kept + 20 * chunk + copy + later, "moment"),
+        ("activations + the LM head's gradient", kept + head + later, "moment"),
+        ("activations + a layer's backward", kept + critic_kept + layer + held, "moment"),
+        ("the embedding's gradient", 3 * held or 4 * v_h, "moment"),
+    ]
+
+
+def pass_moments(s: dict, rows: int, length: int, cfg, policy_pass: bool) -> list:
+    """The no-grad log-prob passes before an update, one at a time: the reference's, and the
+    policy's own (pi_old). Each keeps every layer's hidden state (output_hidden_states: fp32 for
+    the policy, whose residual stream is fp32 under autocast; bf16 for a bf16 reference), runs a
+    layer at a time, and a logits chunk: 8 B per logit (fp32 logits, logsumexp's temporary), or
+    first, under autocast, the head's bf16 copy and bf16 logits."""
+    tokens, chunk, a = rows * length, chunk_logits(s, rows, length), 2 if half(cfg) else 4
+    layer = tokens * (3 * a * s["i"] + 4 * 4 * s["h"])
+
+    def one(hidden: int, copy: int) -> float:
+        states = tokens * (s["n"] + 1) * hidden * s["h"]
+        return states + layer + max(8 * chunk, 2 * chunk + copy)
+
+    copy = 2 * s["v"] * s["h"] if half(cfg) else 0  # autocast's of the policy's fp32 head
+    parts = [("no-grad pass: the reference model", one(a, 0), "pass")] if cfg.beta > 0 else []
+    if policy_pass:
+        parts.append(("no-grad pass: the policy (pi_old)", one(4, copy), "pass"))
+    return parts
+
+
+def algorithm_memory(cfg, s: dict, tokens: int, world: int) -> tuple[list, float, bool]:
+    """Each algorithm's own lines of the plan, and whether the policy makes a no-grad pass of its
+    own (pi_old). GRPO (no critic): only with num_iterations > 1; offline RFT with HF rollouts
+    keeps a frozen fp32 copy of the starting model. PPO (cfg has a critic): pi_old always, and the
+    critic. On its own trunk (the default) it holds fp32 weights and AdamW moments like the
+    policy's, and gradients while training; on the policy's trunk (--critic_share_backbone, the
+    GPU presets) nothing of its own (its head is h + 1 numbers); its forward's kept activations
+    are added in backward_moments."""
+    if not hasattr(cfg, "critic_share_backbone"):  # GRPO
+        frozen = [("HF sampler: the frozen starting model, fp32", 4 * s["params"] / world, "held")]
+        extra = frozen if cfg.offline_rollouts and cfg.rollout == "hf" else []
+        return extra, 0.0, cfg.num_iterations > 1
+    if cfg.critic_share_backbone:
+        return [], kept_bytes(s, tokens, cfg), True
+    trunk = s["trunk"] / world
+    parts = [("critic: its own trunk, fp32", 4 * trunk, "held")]
+    parts += [("critic: AdamW moments", 8 * trunk, "held")]
+    parts += [("critic: gradients", 4 * trunk, "step")]
+    return parts, kept_bytes(s, tokens, cfg), True
+
+
+def plan_totals(parts: list, card_gib: float, s: dict) -> dict:
+    """Both phases' totals, the trainer's alone (what torch.cuda.max_memory_allocated sees
+    without vLLM), the peak (+ the CUDA context and the allocator's slack on the trainer's), and
+    whether it fits: the peak within the card, and vLLM's share above its floor (its bf16
+    weights + ENGINE_FLOOR_GIB), or it does not start."""
+
+    def total(*whens, trainer=False, most=False):
+        """The sum (or the largest) of the parts held then; the trainer's alone: no vLLM."""
+        held = [(what, b) for what, b, w in parts if w in whens]
+        sizes = [b for what, b in held if not (trainer and what.startswith("vLLM"))]
+        return max(sizes, default=0) if most else sum(sizes)
+
+    update = max(total("step") + total("moment", most=True), total("pass", most=True))
+    rollout, training = total("held", "rollout"), total("held", "training") + update
+    trainer = dict(rollout=total("held", "rollout", trainer=True))
+    trainer["training"] = total("held", "training", trainer=True) + update
+    slack, context = ALLOCATOR_SLACK, CUDA_CONTEXT_GIB * GIB
+    peak = max(rollout + slack * trainer["rollout"], training + slack * trainer["training"])
+    peak += context
+    engine = max([b for what, b, w in parts if what.startswith("vLLM")], default=0)
+    engine_ok = not engine or engine >= 2 * s["params"] + ENGINE_FLOOR_GIB * GIB
+    fits = engine_ok and (not card_gib or peak <= card_gib * GIB)
+    totals = dict(rollout=rollout, training=training, trainer=trainer, update=update, peak=peak)
+    return dict(parts=parts, sizes=s, card=card_gib, engine_ok=engine_ok, fits=fits, **totals)
+
+
+HELD_WHEN = {
+    "held": "both phases",
+    "rollout": "rollout",
+    "training": "training",
+    "step": "training, with the gradients",
+    "moment": "training, in a backward: the largest counts",
+    "pass": "training, instead: the largest no-grad pass",
+}
+
+
+def plan_lines(plan: dict, cfg) -> list[str]:
+    """The plan as printed: one line per part (GiB, and when it is held), the phases' totals,
+    and last `memory plan: peak P GiB of C GiB`."""
+    s, card, answer = plan["sizes"], plan["card"], cfg.max_new_tokens
+    lines = [
+        f"GPU memory plan, GiB: {cfg.model} ({s['params']:,} parameters), micro-batch "
+        f"{cfg.micro_batch_size} x ({PLAN_PROMPT_TOKENS} prompt + {answer} answer) tokens"
+    ]
+    lines += [f"  {what:<46}{b / GIB:7.2f}  {HELD_WHEN[w]}" for what, b, w in plan["parts"] if b]
+    lines.append(
+        f"  phases: rollout {plan['rollout'] / GIB:.1f}, training {plan['training'] / GIB:.1f}; "
+        f"+ CUDA context {CUDA_CONTEXT_GIB}, allocator slack {ALLOCATOR_SLACK:.0%} of the trainer's"
+    )
+    if not plan["engine_ok"]:
+        lines.append(f"  vLLM's share < its bf16 weights + {ENGINE_FLOOR_GIB} GiB: it won't start")
+    of = f"of {card:.3g} GiB" if card else "(no GPU to compare with: --gpu_memory_gib C)"
+    return lines + [f"memory plan: peak {plan['peak'] / GIB:.1f} GiB {of}"]
+
+
+def memory_fix(cfg, m: dict, card_gib: float) -> str:
+    """The first single change, in this order, under which the plan fits: gradient checkpointing,
+    the engine asleep while training, 16-bit precision, a shared critic trunk (PPO), smaller
+    micro-batches, a smaller (or larger) vLLM share. Else: more memory."""
+    tries = [("gradient_checkpointing", True), ("vllm_sleep", 1), ("precision", "auto")]
+    tries += [("critic_share_backbone", True)]
+    tries += [("micro_batch_size", b) for b in (16, 8, 4, 2, 1) if b < cfg.micro_batch_size]
+    tries += [("gpu_memory_utilization", u) for u in (0.25, 0.2, 0.15, 0.1, 0.4, 0.5)]
+    for key, value in tries:
+        if getattr(cfg, key, value) == value or (key == "vllm_sleep" and cfg.rollout != "vllm"):
+            continue  # already so, or not a flag of this script
+        plan = memory_plan(dataclasses.replace(cfg, **{key: value}), m, card_gib)
+        if plan["fits"]:
+            flag = f"--{key}" if value is True else f"--{key} {value}"
+            return f"try {flag} (peak {plan['peak'] / GIB:.1f} GiB)"
+    return "no single flag makes it fit: a larger GPU, or --fsdp over several (torchrun)"
