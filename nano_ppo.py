@@ -49,10 +49,12 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # before torch loads OpenMP: see start_vllm
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
 import json
+import logging
 import math
 import random
 import shutil
@@ -164,12 +166,12 @@ PRESETS = {  # flags override these; `python nano_ppo.py --help` lists every fla
                           prompt_template="r1-zero", stop="</answer>"),
 }
 # fmt: on
-# --preset gpu on the card found (preflight.fit_card): (the smallest card, GiB, its sizes, what)
+# --preset gpu on the card found (preflight.fit_card): (the smallest card, GiB, its sizes, what).
+# A 12 GB card is refused: full fine-tuning of 0.5B needs 11.7 GiB at micro-batch 2 without KL
 CARD_SIZES = {
     "gpu": [
         (22, {}, "a 24 GB card and up"),
-        (14, dict(micro_batch_size=4), "a 16 GB card (a T4)"),
-        (11, dict(micro_batch_size=4, gpu_memory_utilization=0.25), "a 12 GB card"),
+        (14.5, dict(micro_batch_size=4), "a 16 GB card (a T4: 14.6 GiB)"),
     ],
 }
 
@@ -643,6 +645,7 @@ def start_vllm(cfg: Config, model_path: str, seed: int):
     )
 
 
+ANSWERS_PER_CALL = 2**20  # answers one generate call may seed apart (prompts x n)
 ENGINE_DTYPE = {"bf16": "bfloat16", "fp16": "half", "fp32": "float32", "auto": "float32"}
 
 
@@ -653,12 +656,15 @@ def generate(engine, prompts, n, temperature, max_tokens, stop, seed) -> list[di
         return generate_hf(engine, prompts, n, temperature, max_tokens, stop, seed)
     from vllm import SamplingParams, TokensPrompt
 
-    # One seed PER QUESTION: with a single seed shared by the batch, every question would draw
-    # the same random numbers, and their samples would be correlated instead of independent.
+    # One seed PER ANSWER: with a seed shared by the batch, every question would draw the same
+    # random numbers, and their samples would be correlated instead of independent. vLLM gives
+    # answer j of a request seeded s the seed s + j (v1/engine/parallel_sampling.py), so question
+    # i's request is seeded n * i past the call's block: its n answers' seeds are its own.
     # logprobs=0: the log-prob of the sampled token only. Stop texts need detokenizing.
     ends = dict(stop_token_ids=stop["ids"], stop=stop["texts"], detokenize=bool(stop["texts"]))
     same = dict(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0, **ends)
-    params = [SamplingParams(seed=seed * 100_003 + i, **same) for i in range(len(prompts))]
+    block = seed * ANSWERS_PER_CALL  # a call's answers: seeds block .. block + ANSWERS_PER_CALL - 1
+    params = [SamplingParams(seed=(block + i * n) % 2**63, **same) for i in range(len(prompts))]
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     outputs = engine.generate(requests, params, use_tqdm=False)
     samples = []
@@ -834,7 +840,8 @@ def update_engine(run, model, laps):
         return
     if not run.engine_follows_policy:  # offline RFT: the starting model's weights, kept
         return run.engine.wake_up() if run.engine_sleeps else None
-    if run.engine_sleeps:
+    if run.engine_sleeps:  # torch hands back the memory it cached in training: vLLM needs it
+        torch.cuda.empty_cache()
         run.engine.wake_up(tags=["weights"])
     sync_weights(run.engine, model)
     if run.engine_sleeps:
@@ -865,10 +872,38 @@ def engine_sleeps(engine) -> bool:
 def sync_weights(llm, model):
     """Copy the trainer's weights into the running vLLM engine: one public call (vllm >= 0.11; the
     older recipe reached into vLLM's private model_runner and broke with its V1 engine). Cached
-    prompt KV came from the old weights, so the prefix cache is reset too."""
-    weights = [(name, full_tensor(p)) for name, p in model.state_dict().items()]
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    prompt KV came from the old weights, so the prefix cache is reset too. The weights go one at
+    a time (vLLM reads the iterator lazily, layer by layer): under --fsdp each is gathered whole
+    only when its turn comes. A weight vLLM did not load would leave the old one in the engine:
+    its warning (hidden by VLLM_LOGGING_LEVEL=ERROR) stops the run."""
+    weights = ((name, full_tensor(p)) for name, p in model.state_dict().items())
+    with caught_warnings(RELOAD_LOGGER) as warned:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
+    missed = [w for w in warned if "not loaded" in w]
+    if missed:
+        sys.exit(
+            f"error: the vLLM engine kept its old weights: {missed[0][:200]}; use --rollout hf"
+        )
+
+
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.inplace"  # vLLM 0.32, 0.33
+
+
+@contextlib.contextmanager
+def caught_warnings(logger_name: str):
+    """The warnings a logger gives inside the block, as a list of their texts."""
+    texts, logger = [], logging.getLogger(logger_name)
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: texts.append(record.getMessage())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)  # VLLM_LOGGING_LEVEL=ERROR set the level of its loggers
+    try:
+        yield texts
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 SYNC_SLACK, SYNC_FLOOR = 3.0, 1e-4  # a gap may grow to max(3 x the gap at start, 1e-4)
@@ -902,13 +937,16 @@ def check_engine_weights(llm, model, probe: list[list[int]], tolerance, cfg: Con
     of the probe prompts' own tokens (probe_gaps; a maximum would be ruled by the rarest token's
     rounding): uncertain tokens (the digits of a question) move with any weight change, where a
     confident greedy token would not. A stale engine (a sync skipped, or weights lost in sleep)
-    stops the run with one line; tolerance None: just measure."""
-    gap = probe_gaps(llm, model, probe, cfg).mean().item()
+    stops the run with one line; tolerance None: just measure. Under torchrun every process
+    judges the largest gap of all, so all of them stop together (the first one says why)."""
+    gap = all_processes_max(probe_gaps(llm, model, probe, cfg).mean()).item()
     if tolerance is not None and gap > tolerance:
         sys.exit(
             f"error: the vLLM engine does not hold the trainer's weights (log-prob gap {gap:.2g} "
             f"> {tolerance:.2g}); installed {installed_vllm()}, weight sync tested with "
             f"{VLLM_TESTED}; pin that version or use --rollout hf"
+            if is_main_process()
+            else 1
         )
     return gap
 
@@ -1292,9 +1330,10 @@ def my_share(items):
 
 
 def sampling_seed(cfg: Config, step: int, attempt: int) -> int:
-    """A sampling seed for each (seed, step, draw, process)."""
-    rank = dist.get_rank() if is_distributed() else 0
-    return (cfg.seed * 1_000_003 + step) * 7 + attempt + 1000 * rank
+    """A sampling seed for each (seed, step, draw <= 4, process): no two alike (generate gives
+    each of a call's answers its own seed from it)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    return ((cfg.seed * 1_000_003 + step) * 8 + attempt) * world + rank
 
 
 def everyone_has(samples: list) -> bool:

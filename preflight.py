@@ -69,6 +69,8 @@ def parse_flags(Config, presets: dict, about: dict, choices: dict, card_sizes: d
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             sys.exit(f"error: --{key} {getattr(cfg, key)!r} is not one of: {', '.join(allowed)}")
+    check_ranges(cfg)  # every number within its RANGES entry, then what cannot work together
+    check_combinations(cfg)
     if cfg.gpu_capability and not cfg.dry_run:
         sys.exit("error: --gpu_capability simulates a card: only with --dry_run")
     card = find_card(cfg)
@@ -222,9 +224,8 @@ def check_vllm_host(cfg, card: dict):
             f"error: {card_line(card)}: vLLM 0.33 has kernels for 7.5 and newer only; sample "
             f"with transformers instead: --rollout hf{fits}"
         )
-    compiler = os.environ.get("CC") or next(
-        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None
-    )
+    # Triton 3.8 (runtime/build.py) takes $CC, else gcc, else clang; Python.h from sysconfig
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
     python = f"python{sys.version_info.major}.{sys.version_info.minor}"
     if not compiler or not shutil.which(compiler):
         sys.exit(
@@ -271,8 +272,20 @@ def half(cfg) -> bool:
 # + the CUDA context + the allocator's slack. Checked against measured peaks on CPU at small
 # scale (benchmarks/memory_check.py) and on a GPU (benchmarks/gpu_check.py).
 PLAN_PROMPT_TOKENS = 256  # prompt tokens the plan assumes: GSM8K's longest prompts, ~250
+# The estimated terms, and where they come from in vLLM 0.33's sources (paths in its wheel):
+# - vLLM's share is gpu_memory_utilization x the card's TOTAL memory (v1/worker/utils.py: it
+#   refuses to start when less is free, and the trainer's weights, already loaded, count as used).
+#   Inside it: the weights, the profiling peak (a dummy sampler run over max_num_seqs rows of
+#   fp32 [rows, V] logits, gpu/model_runner.py _dummy_sampler_run), CUDA graphs (profiled and
+#   subtracted, gpu/cudagraph_utils.py profile_cudagraph_memory), the sampler's penalty counts
+#   (gpu/sample/penalties.py: max_num_seqs x V int32, 0.15 GiB at 256 requests, the default
+#   under 70 GiB cards, 0.58 GiB at 1024, above), then the KV cache: ENGINE_FLOOR_GIB.
+# - Asleep (level 1, device_allocator/cumem.py) vLLM keeps what it did not allocate in its
+#   sleep pool: the CUDA-graph pool (not offloaded by default), the penalty counts and other
+#   runner buffers, NCCL: ENGINE_ASLEEP_GIB, an estimate (benchmarks/gpu_check.py measures).
+# - The CUDA context and cuBLAS workspaces sit outside torch's allocator: CUDA_CONTEXT_GIB.
 CUDA_CONTEXT_GIB = 0.75  # CUDA context and cuBLAS workspaces: outside torch's allocator
-ENGINE_ASLEEP_GIB = 1.0  # what vLLM 0.33 keeps asleep: CUDA graphs, NCCL, its own buffers
+ENGINE_ASLEEP_GIB = 1.0  # what vLLM 0.33 keeps asleep: CUDA graphs, buffers, NCCL
 ENGINE_FLOOR_GIB = 2.0  # vLLM's share beyond its bf16 weights: profiling peak, graphs, KV cache
 ALLOCATOR_SLACK = 0.05  # fragmentation in torch's caching allocator, a share of the trainer's
 
@@ -355,6 +368,8 @@ def memory_plan(cfg, m: dict, card_gib: float, prompt_tokens=PLAN_PROMPT_TOKENS)
     if world > 1:  # FSDP: the root (embedding, head, norm) stays whole through forward + backward
         root = s["params"] - s["n"] * s["layer"]
         parts += [("FSDP: root and 2 layers gathered", 4 * (root + 2 * s["layer"]), "training")]
+        # the weight sync gathers one tensor at a time (sync_weights): the largest, the embedding
+        parts += [("FSDP: the sync's largest weight, whole", 4 * s["v"] * s["h"], "rollout")]
     return plan_totals(parts, card_gib, s)
 
 

@@ -8,9 +8,14 @@ config.json copies in assets/model_configs/). Under 8 minutes on one H100/H200-c
      Qwen2.5-3B), at the preset's batch, micro-batch and lengths (synthetic prompt + answer ids,
      every answer at the limit): the measured peak (torch.cuda.max_memory_allocated, reset before
      the update, AdamW's moments already there) next to the memory plan's trainer side (no
-     engine: vLLM is absent), seconds per update and tokens per second.
-Exit status 1 if the reward does not rise or a measured peak exceeds its plan by more than 15%.
-On CPU only part (a) runs, shorter.
+     engine: vLLM is absent), seconds per update and tokens per second;
+  c) fp16 forced on the card (what a T4 or V100 runs: fp32 master weights, fp16 autocast, a
+     GradScaler): three updates of GRPO `gpu`, the skipped steps and the loss scale; one update
+     begun at a loss scale of 2^100 must be skipped (no weight moves) and halve the scale;
+  d) a 16 GB card emulated (torch.cuda.set_per_process_memory_fraction: 14.6 GiB, a T4's), the
+     sizes --preset gpu picks for it, fp16: one GRPO and one PPO update, peak vs plan.
+Exit status 1 if the reward does not rise, a measured peak exceeds its plan by more than 15%,
+an update runs out of memory, or the overflow step is not skipped. On CPU only part (a) runs.
 """
 
 import copy
@@ -35,6 +40,7 @@ import memory_check  # noqa: E402  the CPU check's random rollout samples
 PEAK_TOLERANCE = 1.15  # a measured peak may exceed the plan by 15% at most
 TINY_STEPS = {"cuda": 30, "cpu": 12}  # part (a): the carry is learned within ~20 steps
 UPDATES = [("grpo", "gpu"), ("ppo", "gpu"), ("grpo", "gpu-countdown"), ("ppo", "gpu-countdown")]
+T4_GIB = 14.56  # what torch reports for a 16 GB T4
 
 
 def tiny_run(device: str) -> bool:
@@ -42,7 +48,9 @@ def tiny_run(device: str) -> bool:
     the mean reward of the last 5 steps beats the first 5 steps'."""
     import nano_grpo as G
 
-    flags = "--preset cpu-demo --rollout hf --bf16 --gradient_checkpointing --eval_every 0"
+    flags = (
+        "--preset cpu-demo --rollout hf --precision auto --gradient_checkpointing --eval_every 0"
+    )
     flags = flags.split() + ["--save_every", "0", "--max_steps", str(TINY_STEPS[device])]
     with tempfile.TemporaryDirectory() as out:
         start = time.time()
@@ -69,19 +77,21 @@ def synthetic_batch(module, cfg, rows: int, prompt: int, vocab: int) -> dict:
     return batch
 
 
-def build_update(script: str, preset: str):
+def build_update(script: str, preset: str, flags=()):
     """A random-init model from the preset's shipped config.json, on the GPU, set up as
-    load_models and main do (reference in bf16, PPO's critic, fused AdamW with its moments
-    already made); returns (module, cfg, the update to run, tokens in its batch)."""
+    load_models and main do (reference in 16 bits, PPO's critic, fused AdamW with its moments
+    already made); returns (module, cfg, the update to run, tokens in its batch, the policy's
+    optimizer, the model)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     module = __import__(f"nano_{script}")
-    cfg = module.parse_config(["--preset", preset, "--rollout", "vllm"])
+    cfg = module.parse_config(["--preset", preset, "--rollout", "vllm", *flags])
     config = AutoConfig.from_pretrained(os.path.join(ROOT, "assets", "model_configs", cfg.model))
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
     model.gradient_checkpointing_enable()
-    ref = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+    ref = copy.deepcopy(model).to(module.HALF.get(cfg.precision, torch.float32))
+    ref.eval().requires_grad_(False)
     rows = cfg.prompts_per_step * cfg.group_size
     batch = synthetic_batch(module, cfg, rows, preflight.PLAN_PROMPT_TOKENS, config.vocab_size)
     optimizer = module.adamw(model.parameters(), cfg.learning_rate, cfg)
@@ -93,7 +103,7 @@ def build_update(script: str, preset: str):
     else:
         critic = module.build_critic(model, cfg.critic_share_backbone).train()
         own = critic.head.parameters() if cfg.critic_share_backbone else critic.parameters()
-        optimizers = [optimizer, module.adamw(own, cfg.critic_learning_rate, cfg)]
+        optimizers = [optimizer, module.adamw(own, cfg.critic_learning_rate, cfg, optimizer.scaler)]
 
         def update():
             return module.train_on_batch(model, ref, critic, optimizers, batch, cfg, cfg.beta)
@@ -104,14 +114,14 @@ def build_update(script: str, preset: str):
             p.grad = torch.zeros_like(p)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return module, cfg, config.to_dict(), update, batch["input_ids"].numel()
+    return module, cfg, config.to_dict(), update, batch["input_ids"].numel(), optimizer, model
 
 
-def measure_update(script: str, preset: str) -> dict:
-    """Part (b) for one (script, preset): the plan's trainer-side training phase, the measured
-    peak, the time of one update."""
-    module, cfg, config, update, tokens = build_update(script, preset)
-    plan = preflight.memory_plan(cfg, config, preflight.PRESET_CARD_GIB[preset])
+def measure_update(script: str, preset: str, flags=(), card_gib=None) -> dict:
+    """Parts (b), (d) for one (script, preset): the plan's trainer-side training phase, the
+    measured peak, the time of one update."""
+    module, cfg, config, update, tokens, _, _ = build_update(script, preset, flags)
+    plan = preflight.memory_plan(cfg, config, card_gib or preflight.PRESET_CARD_GIB[preset])
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.time()
@@ -120,7 +130,7 @@ def measure_update(script: str, preset: str) -> dict:
     seconds = time.time() - start
     peak = torch.cuda.max_memory_allocated()
     return dict(
-        name=f"{script} {preset} ({cfg.model})",
+        name=f"{script} {preset} ({cfg.model}, {cfg.precision}, micro {cfg.micro_batch_size})",
         plan=plan["trainer"]["training"],
         measured=peak,
         seconds=seconds,
@@ -144,6 +154,52 @@ def report_line(r: dict) -> str:
     )
 
 
+def fp16_updates() -> bool:
+    """Part (c): GRPO `gpu` forced to fp16 on this card: three updates (skipped steps, the loss
+    scale), then one begun at a scale of 2^100, which must overflow, be skipped and halve it."""
+    module, cfg, config, update, tokens, optimizer, model = build_update(
+        "grpo", "gpu", ["--precision", "fp16"]
+    )
+    lines = []
+    for i in range(3):
+        m = update()
+        lines.append(f"skipped {m['skipped_steps']}, scale {m['loss_scale']:.0f}")
+    print(f"(c) fp16 on {torch.cuda.get_device_name(0)}, 3 updates: " + "; ".join(lines))
+    optimizer.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**100)
+    before = [p.detach().clone() for p in list(model.parameters())[:4]]
+    m = update()
+    still = all(torch.equal(b, p) for b, p in zip(before, list(model.parameters())[:4]))
+    ok = m["skipped_steps"] == 1 and m["loss_scale"] == 2.0**99 and still
+    print(
+        f"    begun at 2^100: skipped {m['skipped_steps']}, scale 2^99: {ok}, weights kept: {still}"
+    )
+    del module, update, optimizer, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ok
+
+
+def emulated_t4() -> bool:
+    """Part (d): a 16 GB card emulated on this one; the sizes --preset gpu picks for it, fp16."""
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(T4_GIB / total)
+    flags = ["--gpu_memory_gib", str(T4_GIB), "--precision", "fp16"]
+    ok = True
+    print(f"(d) a {T4_GIB} GiB card emulated (memory fraction {T4_GIB / total:.3f}):")
+    for script in ("grpo", "ppo"):
+        try:
+            r = measure_update(script, "gpu", flags, card_gib=T4_GIB)
+            ok &= within_plan(r["measured"], r["plan"])
+            print(report_line(r), flush=True)
+        except torch.cuda.OutOfMemoryError as e:
+            ok = False
+            print(f"  {script} gpu: out of memory ({str(e).splitlines()[0]})")
+        gc.collect()
+        torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    return ok
+
+
 def main() -> int:
     start, device = time.time(), "cuda" if torch.cuda.is_available() else "cpu"
     ok = tiny_run(device)
@@ -162,6 +218,8 @@ def main() -> int:
                 print(f"  {script} {preset}: out of memory ({str(e).splitlines()[0]})")
             gc.collect()  # this update's models, before the next one's
             torch.cuda.empty_cache()
+        ok &= fp16_updates()
+        ok &= emulated_t4()
     else:
         print("(b) skipped: no CUDA GPU")
     print(f"gpu check: {'passed' if ok else 'FAILED'} in {time.time() - start:.0f} s")
