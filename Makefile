@@ -9,12 +9,12 @@ BIN    := $(VENV)/bin
 CPU_CLEANUP := torchvision torchaudio torchcodec triton
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: demo test test-all ppo bench studies gpu-check clean-venv
-demo: $(VENV)/.stack
-	$(BIN)/python nano_grpo.py
+.PHONY: demo test test-all ppo bench studies gpu-check clean-venv python-check
+demo: $(VENV)/.stack  # a new run folder each time: a second run in one is refused (README)
+	$(BIN)/python nano_grpo.py --output_dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 ppo: $(VENV)/.stack
-	$(BIN)/python nano_ppo.py
+	$(BIN)/python nano_ppo.py --output_dir runs/ppo-demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(VENV)/.test-stack
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .  # lint, 100 columns (pyproject.toml)
@@ -39,7 +39,17 @@ gpu-check:
 bench: $(VENV)/.test-stack
 	$(BIN)/python benchmarks/bench_step.py --trl
 
-$(VENV)/.stack: requirements.txt
+# vLLM 0.33 needs Python 3.11-3.14, and pip's refusal of another names no fix. Checked before the
+# venv is made: its python if there is one (made by another Python?), else $(PYTHON); make -n too.
+CHECKED := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+PY_VER = $(shell $(CHECKED) -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null)
+FIX = $(if $(wildcard $(BIN)/python),make clean-venv && )make $(or $(MAKECMDGOALS),demo)
+python-check:
+	$(if $(filter 3.11.% 3.12.% 3.13.% 3.14.%,$(PY_VER)),,$(error $(CHECKED) is \
+	$(if $(PY_VER),Python $(PY_VER),not a Python that runs); vLLM 0.33 needs 3.11-3.14: \
+	$(FIX) PYTHON=python3.12 (or install one: apt-get install python3.11 python3.11-venv)))
+
+$(VENV)/.stack: requirements.txt | python-check
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_GPU),1)
 	$(BIN)/pip install "vllm==0.33.0" -r requirements.txt

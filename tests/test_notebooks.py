@@ -5,12 +5,16 @@ Each notebook is executed from an in-memory copy (the committed file, with its o
 rewritten), in notebooks/ as its working directory, by a kernel that runs THIS interpreter
 (sys.executable): the test writes its own kernel spec, so a fresh venv needs no manual
 `ipykernel install`. Figures use matplotlib's Agg backend (nothing is rendered into the copy).
+A notebook in NOT_RUN is not executed (each says why), only validated, and its commands checked.
 """
 
+import dataclasses
 import json
 import os
 import re
 import resource
+import shlex
+import subprocess
 import sys
 import time
 
@@ -27,6 +31,11 @@ RUN_NOTEBOOKS = [
     "03_chapter_comparisons.ipynb",
     "case_studies.ipynb",
 ]
+NOT_RUN = {  # validated (test_notebook_is_valid), never executed here, each for its reason
+    "colab_gpu.ipynb": "it needs an NVIDIA GPU and the network (git clone, pip install vLLM, the "
+    "model and GSM8K from the Hub); its commands are checked instead (test_gpu_notebook_*)",
+}
+GPU_NOTEBOOK = os.path.join(NB_DIR, "colab_gpu.ipynb")
 # These two only plot benchmarks/results/ (made by benchmarks/run_studies.py): fast, and they must
 # run even where a study has not been run yet (NANO_RLVR_RESULTS points them at another results
 # folder).
@@ -292,3 +301,74 @@ def test_notebooks_cite_real_labels_and_show_the_theory_ones():
         )
         if name == RUN_NOTEBOOKS[0]:
             assert {"J", "RETURN", "TRPO"} <= cited
+
+
+def test_every_notebook_is_run_or_says_why_not():
+    names = {n for n in os.listdir(NB_DIR) if n.endswith(".ipynb")}
+    assert names == set(RUN_NOTEBOOKS) | {"exercises.ipynb"} | set(NOT_RUN)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(NB_DIR) if n.endswith(".ipynb")))
+def test_notebook_is_valid(name):
+    nbformat.validate(read(os.path.join(NB_DIR, name)))
+
+
+# ------------------------------------------------------------------------------------------------
+# colab_gpu.ipynb (NOT_RUN): committed clean, and its command lines are ones the scripts take.
+# ------------------------------------------------------------------------------------------------
+def gpu_notebook_commands():
+    """The flags of every `!python nano_grpo.py ...` in its code cells (comments included)."""
+    code = "\n".join(c.source for c in read(GPU_NOTEBOOK).cells if c.cell_type == "code")
+    return [shlex.split(m) for m in re.findall(r"!python nano_grpo\.py([^\n#]*)", code)]
+
+
+def test_gpu_notebook_is_committed_clean():
+    for cell in read(GPU_NOTEBOOK).cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, cell.source
+
+
+def test_gpu_notebook_uses_only_flags_that_exist():
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import nano_grpo
+
+    fields = {f.name: f.type for f in dataclasses.fields(nano_grpo.Config)}
+    commands = gpu_notebook_commands()
+    assert len(commands) >= 4, commands  # the dry runs and the run
+    for args in commands:
+        i = 0
+        while i < len(args):
+            flag = args[i].removeprefix("--")
+            assert args[i].startswith("--") and (flag in fields or flag == "bf16"), (args, args[i])
+            value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None
+            kind = fields.get(flag, bool)
+            if kind is bool:
+                assert value in (None, "true", "false"), (args, flag, value)
+            else:
+                assert value is not None, f"--{flag} needs a value: {args}"
+                kind(value)  # int("1.5") or float("x") raise
+            if flag == "preset":
+                assert value in nano_grpo.PRESETS, value
+            i += 1 if value is None else 2
+
+
+def test_gpu_notebook_installs_what_the_makefile_does():
+    makefile = open(os.path.join(ROOT, "Makefile")).read()
+    pin = re.search(r'pip install ("vllm==[\d.]+" -r requirements.txt)', makefile).group(1)
+    code = "\n".join(c.source for c in read(GPU_NOTEBOOK).cells if c.cell_type == "code")
+    assert f"!pip install {pin}" in code
+
+
+def test_gpu_notebook_simulated_dry_runs_fit():
+    """Its simulated cards (--gpu_capability) need no GPU: each plan fits, as the notebook says."""
+    simulated = [a for a in gpu_notebook_commands() if "--gpu_capability" in a]
+    assert simulated and all("--dry_run" in a for a in simulated)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args in simulated:
+        cmd = [sys.executable, "nano_grpo.py", *args]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, (args, out.stdout[-2000:], out.stderr[-2000:])
+        assert "memory plan: peak" in out.stdout, (args, out.stdout[-2000:])
+        if args[args.index("--gpu_capability") + 1] == "7.5":  # a T4: no bf16
+            assert "precision: fp16" in out.stdout, out.stdout[-2000:]
