@@ -106,6 +106,9 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient-norm clip
     micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation)
+    lora_rank: int = 0  # LoRA: train rank-R adapters on a frozen model (0: full fine-tuning)
+    lora_alpha: float = 32.0  # LoRA: the adapters' scale is lora_alpha / lora_rank
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA layers
     # the machinery (Part 2)
     rollout: str = "vllm"  # vllm | hf (model.generate: slower; the default where vLLM is missing)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (loss scaling) | auto: bf16 if the card has it
@@ -158,12 +161,19 @@ PRESETS = {  # flags override these; `python nano_grpo.py --help` lists every fl
                           stop="</answer>"),
 }
 # fmt: on
-# --preset gpu on the card found (preflight.fit_card): (the smallest card, GiB, its sizes, what).
-# A 12 GB card is refused: full fine-tuning of 0.5B needs 11.7 GiB at micro-batch 2 without KL
+# A GPU preset on the card found (preflight.fit_card): (the smallest card, GiB, its sizes, what).
+# Full fine-tuning of 0.5B needs 11.7 GiB even at micro-batch 2 without KL: a 12 GB card takes LoRA
 CARD_SIZES = {
     "gpu": [
         (22, {}, "a 24 GB card and up"),
         (14.5, dict(micro_batch_size=4), "a 16 GB card (a T4: 14.6 GiB)"),
+        (11, dict(lora_rank=64, micro_batch_size=4), "a 12 GB card"),
+        (7, dict(lora_rank=64, micro_batch_size=2, gpu_memory_utilization=0.45), "an 8 GB card"),
+    ],
+    # full fine-tuning of 3B needs 68 GiB; under 80 GB, LoRA (rank 64: its lr 10x, preflight)
+    "gpu-countdown": [
+        (78, {}, "an 80 GB card"),
+        (20, dict(lora_rank=64, gpu_memory_utilization=0.4), "a 24-48 GB card"),
     ],
 }
 
@@ -505,11 +515,70 @@ def train_on_batch(model, ref_model, optimizer, batch: dict, cfg: Config) -> dic
     return metrics
 
 
+# ---- 4d. LoRA (--lora_rank R): train a low-rank change of each linear layer, not the layer -----
+# Our own ~40 lines rather than PEFT: the adapter is visible in the forward pass below, the engine
+# takes merged weights (sync_weights), and pi_ref is the same network with the adapters off.
+class LoRALinear(torch.nn.Module):
+    """y = W x + (alpha / R) * B (A x). W (and its bias) frozen; A [R, in] random, B [out, R]
+    zero: at step 0 the adapted layer IS the base layer. Only A and B are trained."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale, self.enabled = base.requires_grad_(False), alpha / rank, True
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init
+
+    def forward(self, x):  # x [B, T, in]
+        y = self.base(x)
+        if not self.enabled:  # pi_ref: the base model alone
+            return y
+        return y + (x @ self.lora_A.T.to(x.dtype)) @ self.lora_B.T.to(x.dtype) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha / R) B A, fp32: what the engine gets (one layer's worth at a time)."""
+        return self.base.weight.float() + self.scale * (self.lora_B @ self.lora_A).detach()
+
+
+def add_lora(model, rank: int, alpha: float, targets: str):
+    """Freeze every weight, then put an adapter on each named linear layer of every decoder layer
+    (--lora_targets: q_proj,k_proj,... the attention's and the MLP's by default)."""
+    model.requires_grad_(False)
+    names = targets.split(",")
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in names:
+                if isinstance(getattr(parent, name, None), torch.nn.Linear):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+    return model
+
+
+class WithoutAdapters(torch.nn.Module):
+    """pi_ref (the KL's reference) under LoRA: the policy's own network, adapters switched off.
+    No weights of its own: the KL costs one more forward pass, and no memory."""
+
+    def __init__(self, model):
+        super().__init__()
+        # not submodules: nothing of it to save, shard or move
+        self.__dict__.update(policy=model, lm_head=model.lm_head, config=model.config)
+
+    def forward(self, *args, **kwargs):
+        adapters = [m for m in self.policy.modules() if isinstance(m, LoRALinear)]
+        for m in adapters:
+            m.enabled = False
+        try:
+            return self.policy(*args, **kwargs)
+        finally:
+            for m in adapters:
+                m.enabled = True
+
+
 # ---- The training loop ------------------------------------------------------------------------
 def main(cfg: Config):
     """The five steps of the docstring, one call each; Part 2 holds what they call."""
     start_processes()  # torchrun: this process joins the group (plain `python`: nothing to do)
     preflight.check(cfg)  # GPU: the card, the host, the memory plan; --dry_run stops here
+    preflight.check_run_folder(cfg)  # one run per folder: --resume continues it, else refused
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     train_examples, eval_examples = load_examples(cfg)
@@ -754,6 +823,10 @@ def token_char_ends(tokenizer, ids: list[int]) -> list[int]:
 def start_engine(cfg: Config, model, tokenizer, eval_examples, resume_from):
     """The rollout engine: vLLM, started from the trainer's weights; or (--rollout hf) the policy
     itself; offline RFT: the frozen starting model, in vLLM or HF."""
+    if cfg.rollout == "vllm" and cfg.lora_rank and resume_from:  # the base, then its adapters
+        engine = start_vllm(cfg, cfg.model, cfg.seed)
+        sync_weights(engine, model)
+        return engine
     if cfg.rollout == "vllm":
         return start_vllm(
             cfg, cfg.model if cfg.offline_rollouts else resume_from or cfg.model, cfg.seed
@@ -811,9 +884,8 @@ def sync_weights(llm, model):
     a time (vLLM reads the iterator lazily, layer by layer): under --fsdp each is gathered whole
     only when its turn comes. A weight vLLM did not load would leave the old one in the engine:
     its warning (hidden by VLLM_LOGGING_LEVEL=ERROR) stops the run."""
-    weights = ((name, full_tensor(p)) for name, p in model.state_dict().items())
     with caught_warnings(RELOAD_LOGGER) as warned:
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": engine_weights(model)})
     llm.reset_prefix_cache()
     missed = [w for w in warned if "not loaded" in w]
     if missed:
@@ -823,6 +895,20 @@ def sync_weights(llm, model):
 
 
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.inplace"  # vLLM 0.32, 0.33
+
+
+def engine_weights(model):
+    """(name, tensor) pairs in the model's own (Hugging Face) names, one at a time: a LoRA layer
+    as its merged weight W + (alpha / R) B A, made when its turn comes (never a second copy of
+    the whole model); --fsdp: each gathered whole when its turn comes."""
+    for name, tensor in model.state_dict().items():
+        owner = name.rsplit(".", 2)[0]  # "...q_proj" of "...q_proj.base.weight"
+        if ".lora_" in name:
+            continue
+        if name.endswith(".base.weight") and isinstance(model.get_submodule(owner), LoRALinear):
+            yield owner + ".weight", model.get_submodule(owner).merged_weight()
+        else:
+            yield name.replace(".base.", "."), full_tensor(tensor)
 
 
 @contextlib.contextmanager
@@ -1065,14 +1151,16 @@ def start_run(cfg: Config, engine, tokenizer, eval_examples, resume_from, traine
         torch.set_rng_state(run.state.pop("rng"))
         random.setstate(run.state.pop("py_rng"))
         run.start_step = run.state.pop("step")
-        if is_main_process():  # drop what was logged after the checkpoint
-            rows = open(run.metrics_path).readlines()
+        if is_main_process():  # drop what was logged after the checkpoint (or cut by a kill)
+            rows = [row for row in open(run.metrics_path) if row.endswith("\n")]
             kept = [row for row in rows if json.loads(row)["step"] <= run.start_step]
             open(run.metrics_path, "w").writelines(kept)
+            preflight.write_run_config(cfg)  # config.json: what may change on resume, changed
         print0(f"resumed from {resume_from} at step {run.start_step}")
     elif is_main_process():
         before = evaluate_run(run, model)
         run.state["acc_before"] = before["eval_acc"]
+        preflight.write_run_config(cfg)  # config.json: the folder holds this run from now on
         with open(run.metrics_path, "w") as f:  # step 0: the model as it came
             f.write(json.dumps({"step": 0, **before}) + "\n")
         print(f"held-out greedy accuracy before training: {run.state['acc_before']:.3f}")
@@ -1136,6 +1224,8 @@ def finish_run(run):
     before = run.state["acc_before"]
     after = next((r["eval_acc"] for r in reversed(rows) if "eval_acc" in r), before)
     print(f"curves: {curves}")
+    if run.cfg.lora_rank:
+        print(f"merged LoRA model: {save_merged(run.cfg, run.trained['policy'][0], run.tokenizer)}")
     print(f"final: acc_before={before:.3f} acc_after={after:.3f}")
     if is_distributed():
         return end_processes(run.engine)
@@ -1182,7 +1272,12 @@ def save_checkpoint(cfg: Config, step: int, model, tokenizer, states: dict, stat
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model_state, optimizer_state = states["policy"]
-    model.save_pretrained(tmp, state_dict=model_state)  # under --fsdp gathered from all GPUs
+    if any(".lora_" in k for k in model_state):  # LoRA: the adapters alone; the base is cfg.model
+        os.makedirs(tmp)
+        adapters = {k: v for k, v in model_state.items() if ".lora_" in k}
+        torch.save(adapters, os.path.join(tmp, ADAPTERS))
+    else:
+        model.save_pretrained(tmp, state_dict=model_state)  # under --fsdp gathered from all GPUs
     tokenizer.save_pretrained(tmp)
     trainer_state = {"optimizer": optimizer_state, "step": step, "rng": torch.get_rng_state()}
     trainer_state["py_rng"] = random.getstate()
@@ -1197,9 +1292,24 @@ def save_checkpoint(cfg: Config, step: int, model, tokenizer, states: dict, stat
     with open(os.path.join(cfg.output_dir, "latest.tmp"), "w") as f:
         f.write(os.path.basename(final))
     os.replace(os.path.join(cfg.output_dir, "latest.tmp"), os.path.join(cfg.output_dir, "latest"))
-    for old in os.listdir(cfg.output_dir):  # keep only the newest checkpoint
-        if old.startswith("checkpoint-") and old != os.path.basename(final):
+    # keep only the newest checkpoint: all are this run's (a folder holds one run: see
+    # preflight.check_run_folder), and nothing else in the folder is touched
+    for old in os.listdir(cfg.output_dir):
+        if preflight.is_checkpoint(old) and old != os.path.basename(final):
             shutil.rmtree(os.path.join(cfg.output_dir, old), ignore_errors=True)
+
+
+ADAPTERS = "adapters.pt"  # a LoRA checkpoint's adapters (A and B of every adapted layer)
+
+
+def save_merged(cfg: Config, model, tokenizer) -> str:
+    """LoRA: output_dir/merged, the base with its adapters merged in, a plain model folder that
+    transformers and vLLM load (in the base's precision)."""
+    folder, dtype = os.path.join(cfg.output_dir, "merged"), model.lm_head.weight.dtype
+    state = {name: t.to("cpu", dtype) for name, t in engine_weights(model)}
+    model.save_pretrained(folder, state_dict=state)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def load_trained_states(state: dict, trained: dict):
@@ -1420,12 +1530,20 @@ def load_models(cfg: Config, resume_from):
     """The policy (from the checkpoint when resuming), the frozen reference model of the KL
     (None when beta = 0: never loaded) and the tokenizer, on the GPU if there is one."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(resume_from or cfg.model, cfg)
+    if cfg.lora_rank:  # the base (the starting model) frozen, in 16 bits on a GPU; fp32 adapters
+        model, tokenizer = load_model(cfg.model, cfg)
+        model.to(device, HALF.get(cfg.precision, torch.float32))
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets).to(device)
+        if resume_from:  # a LoRA checkpoint holds the adapters only
+            adapters = torch.load(os.path.join(resume_from, ADAPTERS), map_location="cpu")
+            model.load_state_dict(adapters, strict=False)
+    else:
+        model, tokenizer = load_model(resume_from or cfg.model, cfg)
     model.to(device).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    ref_model = None
-    if cfg.beta > 0:  # the starting point, also when resuming from a trained checkpoint
+    ref_model = WithoutAdapters(model) if cfg.lora_rank and cfg.beta > 0 else None
+    if cfg.beta > 0 and not cfg.lora_rank:  # the starting point, also when resuming
         ref_model = load_model(cfg.model, cfg)[0] if resume_from else copy.deepcopy(model)
         ref_dtype = HALF.get(cfg.precision, torch.float32)  # bf16 or fp16: half the memory
         ref_model.to(device, ref_dtype).eval().requires_grad_(False)
@@ -1441,7 +1559,7 @@ def adamw(params, learning_rate: float, cfg: Config, scaler=None) -> torch.optim
     a large factor before backward and the gradients divided by it before the step; a step whose
     gradients overflowed to inf/nan is skipped and the factor halved. Not checkpointed: after a
     resume it restarts at 2^16 and finds its level again within a few skipped steps."""
-    fused = torch.cuda.is_available()
+    fused, params = torch.cuda.is_available(), [p for p in params if p.requires_grad]  # LoRA: A, B
     optimizer = torch.optim.AdamW(params, learning_rate, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.precision == "fp16" and scaler is None:
         scaler = torch.amp.GradScaler("cuda" if fused else "cpu")
@@ -1530,6 +1648,8 @@ def check_config(cfg: Config):
             "ranks; every rank needs at least one question per step"
         )
     uneven = cfg.prompts_per_step % world
+    if cfg.lora_rank and cfg.fsdp:
+        sys.exit("error: --lora_rank with --fsdp: not supported; LoRA fits one GPU, drop --fsdp")
     if cfg.fsdp and (
         "RANK" not in os.environ or cfg.rollout != "vllm" or uneven or cfg.dynamic_sampling
     ):

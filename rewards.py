@@ -23,6 +23,7 @@ import random
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -778,18 +779,55 @@ def _read_rows(path: str) -> list[dict]:
 
 
 def _rows(repo: str, config: str | None, split: str, data_path: str | None) -> list[dict]:
-    """The rows of a hub dataset split, or of the local file that replaces it."""
+    """The rows of a hub dataset split, or of the local file that replaces it. Offline (one quick
+    try at the hub fails) only the local cache is read: without it, the hub's client would retry
+    for ~25 s before the same error."""
     if data_path:
         return _read_rows(data_path)
+    offline = not _hub_reachable()
     try:
         import datasets  # imported only when a hub task is loaded
 
+        if offline:
+            _hub_offline()
         return datasets.load_dataset(repo, config, split=split).to_list()
     except Exception as e:
+        why = "the hub is unreachable, and it is not in the cache" if offline else type(e).__name__
         raise TaskError(
-            f"could not load {repo} from the Hugging Face hub ({type(e).__name__}): run online, "
+            f"could not load {repo} from the Hugging Face hub ({why}): run online, "
             "or pass --data_path with a local .jsonl/.json/.parquet copy"
         ) from e
+
+
+HUB_TRY_SECONDS = 3.0  # the one try at the hub before a download
+
+
+def _hub_reachable() -> bool:
+    """One TCP connection to the hub (HF_ENDPOINT's host), HUB_TRY_SECONDS at most. True without
+    trying under HF_HUB_OFFLINE=1 (nothing will be asked) or behind a proxy (only it can tell)."""
+    from urllib.parse import urlsplit
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or any(
+        os.environ.get(v) for v in proxies
+    ):
+        return True
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_TRY_SECONDS).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_offline():
+    """HF_HUB_OFFLINE=1 from here on, also for huggingface_hub and datasets already imported
+    (they read it once, at import)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for name in ("huggingface_hub.constants", "datasets.config"):
+        if hasattr(sys.modules.get(name), "HF_HUB_OFFLINE"):
+            sys.modules[name].HF_HUB_OFFLINE = True
 
 
 def _field(row: dict, name: str, i: int):

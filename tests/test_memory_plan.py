@@ -168,15 +168,15 @@ def test_the_hf_fallback_fits_too(module, preset, capsys):
         (
             G,
             ["--preset", "gpu", "--gradient_checkpointing", "false", "--micro_batch_size", "32"],
-            "try --gradient_checkpointing",
+            "or --gradient_checkpointing",
         ),
-        (G, ["--preset", "gpu-countdown", "--vllm_sleep", "0"], "try --vllm_sleep 1"),
+        (G, ["--preset", "gpu-countdown", "--vllm_sleep", "0"], "or --vllm_sleep 1"),
         (
             P,
             ["--preset", "gpu-countdown", "--critic_share_backbone", "false"],
-            "try --critic_share_backbone",
+            "or --critic_share_backbone",
         ),
-        (G, ["--preset", "gpu-countdown", "--gpu_memory_gib", "40"], "--fsdp"),
+        (G, ["--model", "Qwen/Qwen2.5-7B", "--gpu_memory_gib", "12", "--lora_rank", "0"], "--fsdp"),
     ],
     ids=["checkpointing", "sleep", "critic", "nothing"],
 )
@@ -185,6 +185,8 @@ def test_a_plan_that_cannot_fit_exits_1_with_one_line_naming_a_fix(module, flags
     assert isinstance(code, str), code  # sys.exit("...") prints it and exits with status 1
     assert code.startswith("error: the plan does not fit") and fix in code and "\n" not in code
     assert lines[-1].startswith("memory plan: peak ")
+    if fix != "--fsdp":  # LoRA is the first fix named where it fits (issue 22)
+        assert "; try --lora_rank 64 " in code
 
 
 def test_a_cuda_run_prints_the_plan_and_refuses_too_small_a_card(monkeypatch, capsys):
@@ -200,9 +202,14 @@ def test_a_cuda_run_prints_the_plan_and_refuses_too_small_a_card(monkeypatch, ca
         capsys.readouterr().out.strip().splitlines()[-1] == "memory plan: peak 32.1 GiB of 80 GiB"
     )
     card.total_memory = 20 * GIB
-    with pytest.raises(SystemExit, match="does not fit 20 GiB; try --gpu_memory_utilization 0.25"):
+    with pytest.raises(SystemExit, match="20 GiB; try --lora_rank 64 .*, or --gpu_memory_util"):
         PF.check(dataclasses.replace(cfg, gpu_memory_utilization=0.6))
     card.total_memory = 10 * GIB  # the weights, AdamW and a training step alone take 11.8 GiB
+    with pytest.raises(
+        SystemExit, match=r"does not fit 10 GiB; try --lora_rank 64 \(peak [\d.]+ GiB\)$"
+    ):
+        PF.check(cfg)
+    card.total_memory = 3 * GIB  # not even LoRA
     with pytest.raises(SystemExit, match="no single flag makes it fit: a larger GPU, or --fsdp"):
         PF.check(cfg)
 
