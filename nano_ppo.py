@@ -269,6 +269,33 @@ def make_batch(samples: list[dict], pad_id: int) -> dict:
     )
 
 
+def micro_batches(lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """The rows of each micro-batch: rows of similar length together (longest first), so each
+    runs at its own longest row's width (cut_to_rows) and carries little padding. The loss is one
+    weighted sum over the WHOLE batch ([PG-TOKEN-LOSS]): grouping rows changes no gradient."""
+    return list(torch.argsort(lengths, descending=True, stable=True).split(size))
+
+
+def cut_to_rows(batch: dict, rows: torch.Tensor) -> tuple:
+    """input_ids, attention_mask of these rows, cut to the longest of them (right padding)."""
+    width = int(batch["attention_mask"][rows].sum(1).max())
+    return batch["input_ids"][rows, :width], batch["attention_mask"][rows, :width]
+
+
+def padded_to(out, T: int):
+    """[rows, t] (or a tuple of them) -> [rows, T], zeros after t: back to the batch's width."""
+    if isinstance(out, tuple):
+        return tuple(padded_to(x, T) for x in out)
+    return torch.nn.functional.pad(out, (0, T - out.shape[1]))
+
+
+def pad_share(batch: dict, micro: list) -> float:
+    """Padding's share of the token positions one pass over these micro-batches processes."""
+    lengths = batch["attention_mask"].sum(1)
+    processed = sum(len(rows) * int(lengths[rows].max()) for rows in micro)
+    return 1 - lengths.sum().item() / processed
+
+
 def token_logprobs(model, input_ids, attention_mask, temperature: float, with_entropy=False):
     """log pi(x_{t+1} | x_<=t) for every position: [B, L-1] (and the entropy of each prediction).
 
@@ -455,22 +482,26 @@ def train_on_batch(model, ref_model, critic, optimizers, batch: dict, cfg: Confi
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     mask = batch["response_mask"]  # [B, T]
-    micro = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(mask), cfg.micro_batch_size)]
+    T, lengths = mask.shape[1], batch["attention_mask"].sum(1)  # [B]: prompt + answer tokens
+    micro = micro_batches(lengths, cfg.micro_batch_size)  # rows of similar length together
 
-    def logprobs_of(m, rows, **kw):
+    def logprobs_of(m, rows, **kw):  # [rows, T]: run at the rows' own width, then padded to T
         with autocast(cfg, device):
-            ids, attention = batch["input_ids"][rows], batch["attention_mask"][rows]
-            return token_logprobs(m, ids, attention, cfg.temperature, **kw)
+            ids, attention = cut_to_rows(batch, rows)
+            return padded_to(token_logprobs(m, ids, attention, cfg.temperature, **kw), T)
 
-    def values_of(rows):
+    def values_of(rows):  # [rows, T], as logprobs_of
         with autocast(cfg, device):
-            return critic(batch["input_ids"][rows], batch["attention_mask"][rows])
+            return padded_to(critic(*cut_to_rows(batch, rows)), T)
 
     # ---- 3. log-probs and values that stay fixed during the update
     with torch.no_grad():
-        ref_logp = torch.cat([logprobs_of(ref_model, mb) for mb in micro]) if cfg.beta > 0 else None
-        old_logp = torch.cat([logprobs_of(model, mb) for mb in micro])  # pi_old: it sampled them
-        old_values = torch.cat([values_of(mb) for mb in micro]) * mask  # V_old(s_t)
+        ref_logp = torch.zeros_like(mask) if cfg.beta > 0 else None
+        old_logp, old_values = torch.zeros_like(mask), torch.zeros_like(mask)  # pi_old, V_old
+        for mb in micro:
+            old_logp[mb], old_values[mb] = logprobs_of(model, mb), values_of(mb) * mask[mb]
+            if ref_logp is not None:
+                ref_logp[mb] = logprobs_of(ref_model, mb)
 
     # ---- 4. rewards, advantages and returns: once, over the whole rollout batch
     ref_logp = ref_logp if ref_logp is not None else old_logp  # beta = 0: no KL, no reference
@@ -512,13 +543,16 @@ def train_on_batch(model, ref_model, critic, optimizers, batch: dict, cfg: Confi
             # and tokens of every process are counted, or each GPU's loss would have its own scale.
             counts = torch.stack([torch.tensor(float(len(rows)), device=device), mask[rows].sum()])
             n_seqs, n_tokens = all_processes_sum(counts).tolist()
-            weights = loss_weights(mask[rows], cfg.loss_agg, cfg.max_new_tokens, n_seqs, n_tokens)
+            weights = torch.zeros_like(mask)  # [B, T]: this mini-batch's rows only
+            weights[rows] = loss_weights(
+                mask[rows], cfg.loss_agg, cfg.max_new_tokens, n_seqs, n_tokens
+            )
             weights = weights * gradient_sum_factor(model)  # --fsdp averages gradients: undone
             optimizer.zero_grad(set_to_none=False)
             critic_optimizer.zero_grad(set_to_none=False)
             mb_sums = {k: torch.zeros((), device=device) for k in keys}  # sums over answer tokens
-            for i in range(0, len(rows), cfg.micro_batch_size):
-                mb = rows[i : i + cfg.micro_batch_size]
+            for mb in micro_batches(lengths[rows], cfg.micro_batch_size):
+                mb = rows[mb]  # the batch's rows, of similar length
                 logp, entropy = logprobs_of(model, mb, with_entropy=True)
                 # [PG-LOSS] pg_loss = max(-A * ratio, -A * clip(ratio, 1-eps, 1+eps)), per token
                 old, adv = old_logp[mb], advantages[mb]
@@ -535,7 +569,7 @@ def train_on_batch(model, ref_model, critic, optimizers, batch: dict, cfg: Confi
                 # in a shared trunk. Its backward in two calls, the same gradient: in one, every
                 # shared weight's gradient from the critic would wait for the policy's part (a
                 # second fp32 copy of the trunk's gradients: 11.5 GiB for a 3B model).
-                w = weights[i : i + cfg.micro_batch_size]
+                w = weights[mb]
                 backward((cfg.vf_coef * vf_loss * w).sum(), optimizer)  # fp16: scaled (Part 2)
                 backward((pg_loss * w).sum(), optimizer)
                 m = mask[mb]
@@ -574,6 +608,8 @@ def train_on_batch(model, ref_model, critic, optimizers, batch: dict, cfg: Confi
     metrics["grad_norm"] = (norms.get("policy", zero) / max(steps, 1)).item()
     metrics["critic_grad_norm"] = (norms.get("critic", zero) / max(steps, 1)).item()
     metrics["ppo_steps"] = steps
+    passes = 6 * steps / cfg.num_mini_batches + 2 + (cfg.beta > 0)  # policy and critic: 3 each
+    metrics.update(pad_share=pad_share(batch, micro), **pass_tokens(lengths, passes))  # the log
     metrics.update(loss_scale_metrics(optimizer, skipped))  # fp16: steps skipped for an overflow
     return metrics
 
@@ -1208,6 +1244,7 @@ def start_run(cfg: Config, engine, tokenizer, eval_examples, resume_from, traine
     run.engine_follows_policy = not getattr(cfg, "offline_rollouts", False)
     run.eval_engine = engine if run.engine_follows_policy else model
     run.engine_sleeps = engine_sleeps(engine)
+    run.sizes, run.card = preflight.model_sizes(model.config.to_dict()), preflight.find_card(cfg)
     start_sync_check(run, model)
     run.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if resume_from:
@@ -1261,6 +1298,7 @@ def end_step(run, step: int, metrics: dict):
     cfg, metrics, last = run.cfg, {"step": step + 1, **metrics}, step + 1 == run.cfg.max_steps
     if run.sync_gap is not None:
         metrics["sync_gap"] = run.sync_gap  # the engine's log-probs vs ours, after this step's sync
+    metrics.update(preflight.throughput(run.sizes, metrics, run.card, cfg.precision))
     save_now = (cfg.save_every and (step + 1) % cfg.save_every == 0) or last
     states = {name: full_state(*pair) for name, pair in run.trained.items()} if save_now else None
     if not is_main_process():  # torchrun: the first process evaluates, logs and saves
@@ -1659,6 +1697,16 @@ def optimizer_step(*optimizers) -> int:
         scaler.step(optimizer)  # no step where unscale_ found inf or nan
     scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
     return int(scaler.get_scale() < scale)
+
+
+def pass_tokens(lengths: torch.Tensor, passes: float) -> dict:
+    """What the update's FLOPs come from (preflight.throughput): tokens and squared sequence
+    lengths, times the forward passes made over them (a forward and backward counts 3)."""
+    lengths = lengths.double()
+    tokens, squares = lengths.sum().item(), (lengths**2).sum().item()
+    return dict(
+        flop_tokens=passes * tokens, flop_tokens_sq=passes * squares, seq_len=tokens / len(lengths)
+    )
 
 
 def loss_scale_metrics(optimizer, skipped: int) -> dict:

@@ -490,6 +490,53 @@ def half(cfg) -> bool:
     return cfg.precision != "fp32"
 
 
+# ---- How close to the card's limits a step runs (logged: train_tflops, mfu, decode_tok_s) ---
+# (name contains, dense 16-bit tensor TFLOP/s, memory GB/s), from the vendors' spec sheets; the
+# first match wins (an H100 PCIe before the SXM's "H100")
+CARDS = [
+    ("H200", 989, 4800), ("H100 PCIe", 756, 2000), ("H100", 989, 3350),
+    ("A100-SXM4-40GB", 312, 1555), ("A100-PCIE-40GB", 312, 1555), ("A100", 312, 2039),
+    ("L40S", 362, 864), ("L4", 121, 300), ("A10G", 70, 600), ("A10", 125, 600),
+    ("4090", 165, 1008), ("3090", 71, 936), ("3060", 51, 360), ("T4", 65, 320), ("V100", 125, 900),
+]  # fmt: skip
+
+
+def card_limits(card: dict | None) -> tuple:
+    """(peak FLOP/s, memory bytes/s) of a known card; (None, None) elsewhere (a CPU)."""
+    for name, tflops, gbs in CARDS if card and not card["simulated"] else []:
+        if name in card["name"]:
+            return tflops * 1e12, gbs * 1e9
+    return None, None
+
+
+def throughput(s: dict, metrics: dict, card: dict | None, precision: str) -> dict:
+    """The step's speed next to the card's limits, from the step's metrics (it takes the
+    update's flop_* counts out). Training: FLOPs = 2 N T + 2 L (heads x head_dim) sum(s^2) per
+    forward (N: the layers' and the LM head's weights, T tokens, the causal attention's QK and AV
+    over sequences of length s), x3 with the backward: 6 N T + 6 L q sum(s^2) (verl's counter
+    counts the attention's full square: 12); over the train phase's time; mfu: over the card's
+    peak. Decoding: tokens generated per second of the rollout; decode_ratio: over the bound of
+    reading the weights and the batch's KV cache once per decoded token at the card's bandwidth."""
+    out, tokens, squares = {}, metrics.pop("flop_tokens", 0), metrics.pop("flop_tokens_sq", 0)
+    seq_len = metrics.pop("seq_len", 0)
+    peak, bandwidth = card_limits(card)
+    if tokens and metrics.get("time_train"):
+        n = s["n"] * s["layer"] + s["v"] * s["h"]
+        flops = 2 * n * tokens + 2 * s["n"] * s["q"] * squares
+        out["train_tflops"] = flops / metrics["time_train"] / 1e12
+        if peak:
+            out["mfu"] = out["train_tflops"] * 1e12 / peak
+    answers, answer_len = metrics.get("answers", 0), metrics.get("response_len", 0)
+    if answers and metrics.get("time_rollout"):
+        out["decode_tok_s"] = answers * answer_len / metrics["time_rollout"]
+        if bandwidth:  # the weights, and every row's KV cache at its mean length, per token step
+            size = 4 if precision == "fp32" else 2
+            kv = answers * max(seq_len - answer_len / 2, 1) * s["n"] * 2 * s["kv"] * size
+            bound = answers * bandwidth / (size * s["params"] + kv)  # tokens/s
+            out["decode_ratio"] = out["decode_tok_s"] / bound
+    return out
+
+
 # ---- 3. The memory plan -------------------------------------------------------------------------
 # What one GPU holds, from the model's config.json alone, for the code as it is. Two phases take
 # turns. ROLLOUT: the engine, awake, beside the trainer's weights, AdamW moments and reference
