@@ -221,6 +221,15 @@ def check_combinations(cfg):
             f"error: --overlong_buffer {cfg.overlong_buffer}: the penalty zone must be shorter "
             f"than the answer (--max_new_tokens {cfg.max_new_tokens})"
         )
+    unknown = [t for t in cfg.lora_targets.split(",") if t not in LORA_TARGETS]
+    if cfg.lora_rank and unknown:  # else nothing would be adapted, and nothing would train
+        sys.exit(
+            f"error: --lora_targets {cfg.lora_targets}: {', '.join(unknown)} is not a linear "
+            f"layer of a decoder layer; choose from {','.join(LORA_TARGETS)}"
+        )
+
+
+LORA_TARGETS = "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split()  # Llama, Qwen2
 
 
 # ---- The run folder: one run each; --resume continues it, with the settings it started with --

@@ -8,7 +8,8 @@ config.json copies in assets/model_configs/). Under 8 minutes on one H100/H200-c
      Qwen2.5-3B), at the preset's batch, micro-batch and lengths (synthetic prompt + answer ids,
      every answer at the limit): the measured peak (torch.cuda.max_memory_allocated, reset before
      the update, AdamW's moments already there) next to the memory plan's trainer side (no
-     engine: vLLM is absent), seconds per update and tokens per second;
+     engine: vLLM is absent), seconds per update, tokens per second, TFLOP/s and MFU (the
+     log's train_tflops and mfu: preflight.throughput);
   c) fp16 forced on the card (what a T4 or V100 runs: fp32 master weights, fp16 autocast, a
      GradScaler): three updates of GRPO `gpu`, the skipped steps and the loss scale; one update
      begun at a loss scale of 2^100 must be skipped (no weight moves) and halve the scale;
@@ -125,11 +126,17 @@ def measure_update(script: str, preset: str, flags=(), card_gib=None) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.time()
-    update()
+    metrics = update()
     torch.cuda.synchronize()
     seconds = time.time() - start
     peak = torch.cuda.max_memory_allocated()
+    card = preflight.find_card(cfg)
+    speed = preflight.throughput(
+        preflight.model_sizes(config), {**metrics, "time_train": seconds}, card, cfg.precision
+    )
     return dict(
+        tflops=speed["train_tflops"],
+        mfu=speed.get("mfu"),
         name=f"{script} {preset} ({cfg.model}, {cfg.precision}, micro {cfg.micro_batch_size})",
         plan=plan["trainer"]["training"],
         measured=peak,
@@ -150,7 +157,8 @@ def report_line(r: dict) -> str:
     return (
         f"  {r['name']:<44} plan {r['plan'] / gib:6.2f}  measured {r['measured'] / gib:6.2f} "
         f"GiB ({ratio:.2f}, {verdict})  {r['seconds']:6.1f} s/update  "
-        f"{r['tokens'] / r['seconds']:8.0f} tokens/s"
+        f"{r['tokens'] / r['seconds']:8.0f} tokens/s  {r['tflops']:6.1f} TFLOP/s"
+        + (f" (mfu {r['mfu']:.1%})" if r.get("mfu") else "")
     )
 
 

@@ -256,9 +256,18 @@ def test_hf_rollouts_of_a_checkpointed_training_model_are_its_own_answers():
 def test_gpu_check_compares_with_the_plan_and_builds_its_batches():
     assert gpu_check.within_plan(1.15 * GIB, GIB) and not gpu_check.within_plan(1.16 * GIB, GIB)
     line = gpu_check.report_line(
-        dict(name="x", plan=10 * GIB, measured=12 * GIB, seconds=2.0, tokens=1000)
+        dict(
+            name="x",
+            plan=10 * GIB,
+            measured=12 * GIB,
+            seconds=2.0,
+            tokens=1000,
+            tflops=3.2,
+            mfu=0.1,
+        )
     )
     assert "OVER THE PLAN" in line and "1.20" in line and "500 tokens/s" in line
+    assert "3.2 TFLOP/s (mfu 10.0%)" in line
     for module in (G, P):
         cfg = module.Config(**{**module.PRESETS["gpu"], "preset": "gpu"})
         batch = gpu_check.synthetic_batch(module, cfg, 8, PF.PLAN_PROMPT_TOKENS, 300)
