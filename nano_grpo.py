@@ -542,7 +542,9 @@ def train_on_batch(model, ref_model, optimizer, batch: dict, cfg: Config) -> dic
         if cfg.num_iterations > 1:
             metrics["clip_frac_last"] = (sums["clipped"] / max(n_tokens, 1.0)).item()
     optimizer.zero_grad(set_to_none=True)  # free the gradients' memory until the next update
-    passes = 3 * cfg.num_iterations + (cfg.beta > 0) + (cfg.num_iterations > 1)  # backward: 2
+    # for the log's FLOPs: a forward counts 1, a backward 2 (1 with frozen weights: LoRA)
+    backward_cost = 1 if cfg.lora_rank else 2
+    passes = (1 + backward_cost) * cfg.num_iterations + (cfg.beta > 0) + (cfg.num_iterations > 1)
     metrics.update(pad_share=pad_share(batch, micro), **pass_tokens(lengths, passes))  # the log
     metrics.update(loss_scale_metrics(optimizer, skipped))  # fp16: steps skipped for an overflow
     return metrics
@@ -856,7 +858,7 @@ def token_char_ends(tokenizer, ids: list[int]) -> list[int]:
 def start_engine(cfg: Config, model, tokenizer, eval_examples, resume_from):
     """The rollout engine: vLLM, started from the trainer's weights; or (--rollout hf) the policy
     itself; offline RFT: the frozen starting model, in vLLM or HF."""
-    if cfg.rollout == "vllm" and cfg.lora_rank and resume_from:  # the base, then its adapters
+    if cfg.rollout == "vllm" and cfg.lora_rank and resume_from and not cfg.offline_rollouts:
         engine = start_vllm(cfg, cfg.model, cfg.seed)
         sync_weights(engine, model)
         return engine
@@ -1364,7 +1366,8 @@ def start_processes():
     """Under torchrun, join the process group; a plain `python nano_grpo.py` is one process."""
     if "RANK" not in os.environ:
         return
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # NCCL for CUDA tensors, gloo for the CPU ones (the sync check's gap, a few counts)
+    dist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(0)  # the one GPU this process sees (narrow_visible_gpus)
 
@@ -1456,7 +1459,9 @@ def all_reduce_gradients(*models):
     if is_distributed():  # each parameter once, even if two models share it; FSDP reduces its own
         params = {id(p): p for m in models if not hasattr(m, "reshard") for p in m.parameters()}
         for p in params.values():
-            dist.all_reduce(p.grad)
+            if p.requires_grad:  # LoRA: the frozen base has no gradient (on every process alike)
+                p.grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                dist.all_reduce(p.grad)
 
 
 def gradient_sum_factor(model) -> int:
@@ -1542,8 +1547,7 @@ def load_model(name: str, cfg: Config):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar per run: ours
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or offline):
+    if not os.path.isdir(name) and name.startswith((".", "/", "~")):  # a hub id may be cached
         sys.exit(
             f"error: model path {name!r} does not exist; pass --model with a local folder "
             "(or a hub id, online)"
@@ -1571,7 +1575,11 @@ def load_models(cfg: Config, resume_from):
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets).to(device)
         if resume_from:  # a LoRA checkpoint holds the adapters only
             adapters = torch.load(os.path.join(resume_from, ADAPTERS), map_location="cpu")
-            model.load_state_dict(adapters, strict=False)
+            missing, unexpected = model.load_state_dict(adapters, strict=False)
+            if unexpected or any(".lora_" in k for k in missing):
+                sys.exit(
+                    f"error: {resume_from}: its adapters do not fit --lora_rank/--lora_targets"
+                )
     else:
         model, tokenizer = load_model(resume_from or cfg.model, cfg)
     model.to(device).train()

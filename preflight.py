@@ -81,6 +81,8 @@ def parse_flags(Config, presets: dict, about: dict, choices: dict, card_sizes: d
     card = find_card(cfg)
     sized = fit_card(cfg, card, card_sizes.get(preset, []), given)
     cfg.precision = card_precision(cfg, card)
+    if cfg.fsdp and cfg.precision == "fp16":  # GradScaler would judge each shard's overflow alone
+        sys.exit("error: --fsdp with fp16 (a card without bf16): not supported; train on one GPU")
     cuda = torch.cuda.is_available()
     why = "--preset" if args.preset else f"default: {'a' if cuda else 'no'} CUDA GPU is present"
     why = "default on a GPU: the card is simulated" if simulated and not args.preset else why
@@ -222,7 +224,7 @@ def check_combinations(cfg):
             f"than the answer (--max_new_tokens {cfg.max_new_tokens})"
         )
     unknown = [t for t in cfg.lora_targets.split(",") if t not in LORA_TARGETS]
-    if cfg.lora_rank and unknown:  # else nothing would be adapted, and nothing would train
+    if unknown:  # (a card's sizes may turn LoRA on later) else nothing would be adapted, or train
         sys.exit(
             f"error: --lora_targets {cfg.lora_targets}: {', '.join(unknown)} is not a linear "
             f"layer of a decoder layer; choose from {','.join(LORA_TARGETS)}"
@@ -505,7 +507,7 @@ def half(cfg) -> bool:
 CARDS = [
     ("H200", 989, 4800), ("H100 PCIe", 756, 2000), ("H100", 989, 3350),
     ("A100-SXM4-40GB", 312, 1555), ("A100-PCIE-40GB", 312, 1555), ("A100", 312, 2039),
-    ("L40S", 362, 864), ("L4", 121, 300), ("A10G", 70, 600), ("A10", 125, 600),
+    ("L40S", 362, 864), ("L40", 181, 864), ("L4", 121, 300), ("A10G", 70, 600), ("A10", 125, 600),
     ("4090", 165, 1008), ("3090", 71, 936), ("3060", 51, 360), ("T4", 65, 320), ("V100", 125, 900),
 ]  # fmt: skip
 

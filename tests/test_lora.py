@@ -206,3 +206,20 @@ def test_the_lora_plan_counts_no_reference_and_a_frozen_base():
     assert part["gradients, fp32"] == 4 * PF.lora_parameters(PF.model_sizes(m), cfg)
     assert lora["trainer"]["training"] < plan["trainer"]["training"] / 3
     assert os.path.exists(os.path.join(PF.HERE, "assets", "model_configs", "Qwen", "Qwen2.5-7B"))
+
+
+def test_torchrun_sums_only_the_adapters_gradients(monkeypatch):
+    """Under torchrun (no --fsdp) the frozen base has no gradient: only trainable parameters
+    are summed across processes (an unused one as zeros, the same on every process)."""
+    model, tok = lora_model()
+    reduced = []
+    monkeypatch.setattr(G, "is_distributed", lambda: True)
+    monkeypatch.setattr(G.dist, "all_reduce", lambda t, *a, **k: reduced.append(t))
+    G.all_reduce_gradients(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(reduced) == len(trainable) and all(t.abs().sum() == 0 for t in reduced)
+
+
+def test_fp16_with_fsdp_is_refused():
+    with pytest.raises(SystemExit, match="--fsdp with fp16"):
+        G.parse_config(["--fsdp", "--precision", "fp16"])
