@@ -20,9 +20,17 @@ def run_script(module, args, out_dir):
     return out, [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
+# Rates per wall-clock second: they change with machine load as the time_ keys do.
+RATE_KEYS = {"train_tflops", "decode_tok_s", "mfu", "decode_ratio"}
+
+
 def without_times(rows):
-    """Metrics rows without wall-clock timings (the only keys two identical runs may differ in)."""
-    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    """Metrics rows without wall-clock timings and rates (the only keys two identical runs may
+    differ in)."""
+    return [
+        {k: v for k, v in r.items() if not k.startswith("time_") and k not in RATE_KEYS}
+        for r in rows
+    ]
 
 
 def random_model(vocab=40, seed=0):

@@ -103,7 +103,9 @@ def test_too_few_visible_gpus_is_one_line():
 
 @pytest.mark.parametrize("module", [G, P], ids=["grpo", "ppo"])
 def test_torchrun_process_uses_cuda_0(module, monkeypatch):
-    """Process r sees one GPU (its own, as cuda:0): cuda:r would be an invalid ordinal."""
+    """Process r sees one GPU (its own, as cuda:0): cuda:r would be an invalid ordinal. The group
+    carries CUDA tensors on NCCL and CPU ones (the sync check's gap) on gloo: NCCL alone refuses
+    a CPU tensor."""
     chosen = []
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -111,7 +113,7 @@ def test_torchrun_process_uses_cuda_0(module, monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: chosen.append(i))
     monkeypatch.setattr(module.dist, "init_process_group", lambda backend: chosen.append(backend))
     module.start_processes()
-    assert chosen == ["nccl", 0]
+    assert chosen == ["cuda:nccl,cpu:gloo", 0]
 
 
 # ---- base models: R1-Zero's prompt, and answers that end ----------------------------------
