@@ -101,6 +101,57 @@ def test_the_engine_after_a_sync_gives_the_trainers_logprobs_with_adapters_on():
     del llm
 
 
+class RoundedEngine:
+    """A 16-bit engine as the sync check sees it: it was sent the merged weights and holds them
+    rounded to bf16 (autocast rounds every other matmul weight the same way); it runs the
+    trainer's own bf16 autocast forward on the same padded batch, so the only difference left is
+    how the adapted layers' weights were rounded."""
+
+    def __init__(self, model):
+        self.model, _ = G.load_model(TINY_MODEL, G.Config())
+        adapted = {n + ".weight" for n, m in model.named_modules() if isinstance(m, G.LoRALinear)}
+        sent = dict(G.engine_weights(model))
+        for name in adapted:
+            sent[name] = sent[name].to(torch.bfloat16).float()
+        self.model.load_state_dict(sent)
+
+    def logprobs(self, prompts):
+        batch = G.make_batch([dict(prompt_ids=p[:1], response_ids=p[1:]) for p in prompts], 0)
+        with torch.no_grad(), G.autocast(G.Config(precision="bf16"), torch.device("cpu")):
+            logp = G.token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], 1.0)
+        return logp.float(), batch
+
+    def generate(self, requests, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        prompts = [r["prompt_token_ids"] for r in requests]
+        logp, batch = self.logprobs(prompts)
+        outs = []
+        for row, p in enumerate(prompts):
+            lps = logp[row][batch["response_mask"][row] > 0].tolist()
+            per_token = [{t: SimpleNamespace(logprob=lp)} for t, lp in zip(p[1:], lps)]
+            outs.append(SimpleNamespace(prompt_logprobs=[None] + per_token))
+        return outs
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed (SamplingParams)")
+def test_the_bf16_sync_check_compares_with_the_merged_weights_the_engine_holds():
+    """B = 0 at start, so the start gap cannot show the rounding of W + (alpha/R) B A to 16 bits;
+    the check's forward uses the merged weights (LoRALinear.merged), so that rounding is not
+    taken for a stale engine. The adapter path (W x + B A x, each rounded on its own) differs."""
+    model, tok = lora_model()
+    cfg = G.Config(lora_rank=8, beta=0.0, micro_batch_size=4, precision="bf16")
+    train(model, cfg, 3, tok)
+    engine = RoundedEngine(model)
+    probe = [G.prompt_ids(tok, cfg, ex) for ex in G.rewards.load_task("addition", "test", n=8)]
+    assert G.probe_gaps(engine, model, probe, cfg).max().item() == 0.0
+    assert not any(m.merged for m in model.modules() if isinstance(m, G.LoRALinear))
+    engine_path, batch = engine.logprobs(probe)
+    with torch.no_grad(), G.autocast(cfg, torch.device("cpu")):  # the adapter path instead
+        adapter_path = G.token_logprobs(model, batch["input_ids"], batch["attention_mask"], 1.0)
+    assert (adapter_path - engine_path)[batch["response_mask"] > 0].abs().mean() > 1e-3
+
+
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
 def test_checkpoint_holds_adapters_resume_continues_and_merged_answers_as_the_trainer(tmp_path):
     from transformers import AutoModelForCausalLM
