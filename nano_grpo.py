@@ -603,14 +603,22 @@ class WithoutAdapters(torch.nn.Module):
         self.__dict__.update(policy=model, lm_head=model.lm_head, config=model.config)
 
     def forward(self, *args, **kwargs):
-        adapters = [m for m in self.policy.modules() if isinstance(m, LoRALinear)]
-        for m in adapters:
-            m.enabled = False
-        try:
+        with adapters_set(self.policy, enabled=False):
             return self.policy(*args, **kwargs)
-        finally:
-            for m in adapters:
-                m.enabled = True
+
+
+@contextlib.contextmanager
+def adapters_set(model, **state):
+    """Every LoRALinear of the model with these attributes inside the block (enabled=False: the
+    base alone; merged=True: the engine's merged weights), as before after it."""
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in adapters:
+        m.__dict__.update(state)
+    try:
+        yield
+    finally:
+        for m in adapters:
+            m.__dict__.update(enabled=True, merged=False)
 
 
 # ---- The training loop ------------------------------------------------------------------------
@@ -1023,17 +1031,11 @@ def probe_gaps(llm, model, probe: list[list[int]], cfg: Config) -> torch.Tensor:
     engine_logp = torch.tensor([d[t].logprob for d, t in pairs])
     batch = make_batch([dict(prompt_ids=p[:1], response_ids=p[1:]) for p in probe], pad_id=0)
     device = next(model.parameters()).device
-    # LoRA: the trainer runs each layer with the merged weight the engine was sent, so 16-bit
-    # rounding of W + (alpha/R) B A (which B = 0 at the start cannot show) is not taken for a
-    # stale engine; measured without it (bf16, tiny model): gaps up to 2.8x the start's
-    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for m in adapters:
-        m.merged = True
-    with torch.no_grad(), autocast(cfg, device):
+    # LoRA: each layer with the merged weight the engine was sent, or its 16-bit rounding (which
+    # B = 0 at start cannot show) looks like a stale engine (bf16, tiny model: up to 2.8x)
+    with torch.no_grad(), autocast(cfg, device), adapters_set(model, merged=True):
         ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         trainer_logp = token_logprobs(model, ids, attention, 1.0)
-    for m in adapters:
-        m.merged = False
     trainer_logp = trainer_logp[batch["response_mask"].to(device) > 0].float().cpu()  # in order
     if hasattr(model, "reshard"):
         model.reshard()  # --fsdp: a forward without backward leaves the root's weights gathered
