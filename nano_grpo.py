@@ -988,7 +988,9 @@ def start_sync_check(run, model):
     for prompt in run.eval_prompts:  # whole held-out prompts, up to PROBE_TOKENS tokens in all
         if probe and tokens + len(prompt) > PROBE_TOKENS:
             break
-        probe.append(prompt)
+        if not probe or len(probe[-1]) + len(prompt) > probe_row_tokens(model):
+            probe.append([])
+        probe[-1] += prompt  # end to end in a few long rows (probe_row_tokens)
         tokens += len(prompt)
     run.probe, run.sync_gap, run.sync_tolerance = probe, None, None
     if run.cfg.rollout == "vllm" and run.engine_follows_policy:
@@ -999,6 +1001,13 @@ def start_sync_check(run, model):
             f"vLLM engine up; its log-probs match the trainer's {said}; each later sync is "
             f"checked against {run.sync_tolerance:.1g}"
         )
+
+
+def probe_row_tokens(model) -> int:
+    """The longest row of the probe: PROBE_TOKENS, or the model's context if shorter (the tiny
+    model: 128). vLLM's cost is per request: 73 addition prompts of ~7 tokens each took 0.09 s a
+    check on CPU, the same tokens end to end in 5 rows 0.055 s (both models see the same rows)."""
+    return min(PROBE_TOKENS, getattr(model.config, "max_position_embeddings", PROBE_TOKENS))
 
 
 def check_engine_weights(llm, model, probe: list[list[int]], tolerance, cfg: Config) -> float:

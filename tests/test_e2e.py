@@ -211,6 +211,35 @@ def test_sync_check_catches_a_stale_engine(tiny, llm):
     assert G.check_engine_weights(llm, model, prompts, 1e-4, G.Config()) < 1e-4
 
 
+@has_vllm
+def test_the_probe_is_whole_prompts_end_to_end_in_rows_the_model_can_read(tiny, llm):
+    """start_sync_check's probe: whole held-out prompts in order, PROBE_TOKENS in all, packed end
+    to end into rows no longer than the model's context (vLLM's cost is per request: a row per
+    prompt made the check ~1.6x slower); a stale engine still stops the run on that probe."""
+    model, tok, _ = tiny
+    model = __import__("copy").deepcopy(model)
+    prompts = [G.prompt_ids(tok, G.Config(), ex) for ex in G.rewards.load_task("addition", "test")]
+    run = __import__("argparse").Namespace(
+        cfg=G.Config(), engine=llm, engine_follows_policy=True, eval_prompts=prompts
+    )
+    G.sync_weights(llm, model)  # the engine is shared: an earlier test may have changed it
+    G.start_sync_check(run, model)
+    flat = [t for row in run.probe for t in row]
+    n = next(k for k in range(len(prompts) + 1) if sum(map(len, prompts[:k])) == len(flat))
+    assert flat == [t for p in prompts[:n] for t in p]  # whole prompts, in their order
+    assert len(flat) <= G.PROBE_TOKENS < len(flat) + len(prompts[n])  # as many as fit
+    context = model.config.max_position_embeddings  # the tiny model's: 128
+    assert all(len(row) <= context for row in run.probe) and len(run.probe) <= 5  # not 73
+    assert run.sync_tolerance == G.SYNC_FLOOR  # fp32: the start gap is rounding, ~1e-6
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b = G.make_batch([dict(prompt_ids=row[:1], response_ids=row[1:]) for row in run.probe], 0)
+    logp = G.token_logprobs(model, b["input_ids"], b["attention_mask"], 1.0)
+    (-(logp * b["response_mask"]).sum()).backward()
+    opt.step()  # one step the engine is not told about
+    with pytest.raises(SystemExit, match="does not hold the trainer's weights"):
+        G.check_engine_weights(llm, model, run.probe, run.sync_tolerance, G.Config())
+
+
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=has_vllm)])
 def test_questions_are_sampled_independently(tiny, engine, request):
     """The same question asked 24 times in one batch must not get one shared random stream (a
