@@ -768,7 +768,6 @@ def start_vllm(cfg: Config, model_path: str, seed: int):
     )
 
 
-ANSWERS_PER_CALL = 2**20  # answers one generate call may seed apart (prompts x n)
 ENGINE_DTYPE = {"bf16": "bfloat16", "fp16": "half", "fp32": "float32", "auto": "float32"}
 
 
@@ -779,15 +778,15 @@ def generate(engine, prompts, n, temperature, max_tokens, stop, seed) -> list[di
         return generate_hf(engine, prompts, n, temperature, max_tokens, stop, seed)
     from vllm import SamplingParams, TokensPrompt
 
-    # One seed PER ANSWER: with a seed shared by the batch, every question would draw the same
-    # random numbers, and their samples would be correlated instead of independent. vLLM gives
-    # answer j of a request seeded s the seed s + j (v1/engine/parallel_sampling.py), so question
-    # i's request is seeded n * i past the call's block: its n answers' seeds are its own.
+    # One seed per call, as generate_hf: the in-process engine draws every unseeded answer's noise
+    # from torch's global generator, so the call's answers are independent (never one seed shared
+    # by the batch: every question would draw the same numbers) and a step's answers can be drawn
+    # again. A seed per request gives the same at a cost: vLLM draws each seeded request's noise
+    # in a Python loop every decoding step (CPU demo: 9% of the rollout).
     # logprobs=0: the log-prob of the sampled token only. Stop texts need detokenizing.
     ends = dict(stop_token_ids=stop["ids"], stop=stop["texts"], detokenize=bool(stop["texts"]))
-    same = dict(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0, **ends)
-    block = seed * ANSWERS_PER_CALL  # a call's answers: seeds block .. block + ANSWERS_PER_CALL - 1
-    params = [SamplingParams(seed=(block + i * n) % 2**63, **same) for i in range(len(prompts))]
+    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0, **ends)
+    torch.manual_seed(seed)
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     outputs = engine.generate(requests, params, use_tqdm=False)
     samples = []
@@ -1505,8 +1504,8 @@ def my_share(items):
 
 
 def sampling_seed(cfg: Config, step: int, attempt: int) -> int:
-    """A sampling seed for each (seed, step, draw <= 4, process): no two alike (generate gives
-    each of a call's answers its own seed from it)."""
+    """A sampling seed for each (seed, step, draw <= 4, process): no two alike, so no two
+    processes, steps or draws share a random stream (generate seeds its call with it)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     return ((cfg.seed * 1_000_003 + step) * 8 + attempt) * world + rank
 

