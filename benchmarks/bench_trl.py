@@ -13,10 +13,11 @@ weight sync (it calls the vLLM model's load_weights directly, which the CPU back
 support: "'Parameter' object has no attribute 'weight_loader'"), and its server mode needs NCCL.
 So compare this line with `bench_step.py`'s `hf` line, not its `vllm` one.
 
-A step's time is the wall time between two consecutive ends of optimizer steps (a TrainerCallback),
-so it holds everything the trainer does in a step: generation, reward, reference and policy
-forward/backward, the optimizer, logging. The first 2 steps (warm-up) are left out. Prints one
-line on stdout; everything TRL prints goes to stderr.
+A step's time runs from the start of an optimizer step to its end (a TrainerCallback), so it holds
+what the trainer does in a step: generation, reward, reference and policy forward/backward, the
+optimizer (not its logging, as nano_grpo's laps leave out end_step). The first 2 steps (warm-up)
+are left out. Under bench_step.py (BENCH_TURNS set) each step waits for its turn before it starts.
+Prints one line on stdout; everything TRL prints goes to stderr.
 """
 
 import os
@@ -106,16 +107,19 @@ def main():
     args = ap.parse_args()
     if args.steps <= SKIP:
         sys.exit(f"error: --steps must be more than {SKIP} (the first {SKIP} are warm-up)")
+    from bench_step import wait_for_turn  # this folder
     from transformers import TrainerCallback
 
-    ends = []
+    times = []
 
     class StepTimer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
+        def on_step_begin(self, args, state, control, **kwargs):
+            if os.environ.get("BENCH_TURNS"):
+                wait_for_turn()
+            self.began = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
+            times.append(time.perf_counter() - self.began)
 
     with (
         tempfile.TemporaryDirectory(prefix="bench-trl-") as out,
@@ -126,7 +130,7 @@ def main():
         trainer = make_trainer(args.steps, out)
         trainer.add_callback(StepTimer())
         trainer.train()
-    times = [b - a for a, b in zip(ends, ends[1:])][SKIP:]
+    times = times[SKIP:]
     if len(times) != args.steps - SKIP:
         sys.exit(f"error: timed {len(times)} steps, expected {args.steps - SKIP}")
     print(
