@@ -65,12 +65,13 @@ def output_of(w: dict) -> str:
 
 
 def take_turns(workers: list[dict], steps: int):
-    """Step k of each worker in turn; a worker's last step runs on to its exit, in its turn."""
+    """Step k of each worker in turn (who goes first rotates); a worker's last step runs on to its
+    exit, in its turn."""
     for w in workers:  # everyone loaded and waiting at its first step
         if not os.read(w["idle"], 1):
             sys.exit(f"{w['name']} failed before its first step:\n{output_of(w)[-2000:]}")
     for step in range(steps):
-        for w in workers:
+        for w in workers[step % len(workers) :] + workers[: step % len(workers)]:
             os.write(w["go"], b"g")
             last = step == steps - 1
             if (w["proc"].wait() != 0) if last else not os.read(w["idle"], 1):
