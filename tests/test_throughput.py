@@ -1,6 +1,7 @@
 """Throughput (issue 23): micro-batches of rows of similar length, each cut to its own longest row,
 give the same loss and gradient as the old sequential full-width micro-batches; pad_share says
-how much padding a pass processes; the FLOP count of an update, by hand for the tiny model."""
+how much padding a pass processes; the FLOP count of an update, by hand for the tiny model; the
+benchmark's engines take turns step by step."""
 
 import random
 
@@ -138,3 +139,43 @@ def test_mfu_and_the_decode_bound_on_a_known_card():
     assert set(out) == RATE_KEYS
     pcie = dict(card, name="NVIDIA H100 PCIe")
     assert PF.card_limits(pcie) == (756e12, 2000e9)
+
+
+# ---- make bench: the engines take turns, step by step -------------------------------------------
+def test_the_benchmark_runs_its_engines_in_lockstep(tmp_path):
+    """bench_step.take_turns: one worker's step at a time (none overlaps another), every worker's
+    steps all run, who goes first rotates, and a worker that dies is named."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import bench_step as B
+
+    def worker(name, steps, fail_at=None):
+        log = tmp_path / f"{name}.log"
+        code = (
+            f"import sys, time; sys.path.insert(0, {os.path.dirname(B.__file__)!r})\n"
+            "from bench_step import wait_for_turn\n"
+            f"for k in range({steps}):\n"
+            "    wait_for_turn()\n"
+            f"    if k == {fail_at}: sys.exit(3)\n"
+            f"    t = time.time(); time.sleep(0.02); open({str(log)!r}, 'a').write(f'{{k}} {{t}} "
+            "{time.time()}\\n')\n"
+        )
+        return B.start(name, [sys.executable, "-c", code]), log
+
+    steps = 4
+    started = [worker(n, steps) for n in ("a", "b", "c")]
+    B.take_turns([w for w, _ in started], steps)
+    spans = sorted(
+        (float(t0), float(t1), name)
+        for (w, log), name in zip(started, "abc")
+        for _, t0, t1 in (line.split() for line in log.read_text().splitlines())
+    )
+    assert len(spans) == 3 * steps
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two at once
+    firsts = [name for _, _, name in spans[::3]]
+    assert firsts == ["a", "b", "c", "a"]  # step k starts with worker k mod 3
+    broken = [worker("x", steps, fail_at=1)[0]]
+    with pytest.raises(SystemExit, match="x failed at step 1"):
+        B.take_turns(broken, steps)
