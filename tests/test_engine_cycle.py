@@ -58,7 +58,8 @@ class SleepyEngine:
 
     def sample(self, prompt, sp):
         stop = dict(ids=list(sp.stop_token_ids), texts=[], tokenizer=None)
-        sampling = (sp.n, sp.temperature, sp.max_tokens, stop, sp.seed)
+        # unseeded, as generate asks: from the torch generator that generate seeded for the call
+        sampling = (sp.n, sp.temperature, sp.max_tokens, stop, torch.initial_seed())
         answers = self.module.generate_hf(self.model, [prompt], *sampling)
         return SimpleNamespace(outputs=[completion(a) for a in answers])
 
