@@ -43,7 +43,8 @@ def wait_for_turn():
     """In a worker (BENCH_TURNS="go_fd,idle_fd"): say "idle", then wait until told to go."""
     go, idle = map(int, os.environ["BENCH_TURNS"].split(","))
     os.write(idle, b"i")
-    os.read(go, 1)
+    if not os.read(go, 1):  # the benchmark itself is gone: stop, rather than run on unpaced
+        sys.exit(1)
 
 
 def start(name: str, cmd: list[str]) -> dict:
@@ -67,15 +68,21 @@ def output_of(w: dict) -> str:
 def take_turns(workers: list[dict], steps: int):
     """Step k of each worker in turn (who goes first rotates); a worker's last step runs on to its
     exit, in its turn."""
+
+    def failed(w, when):
+        for other in workers:
+            other["proc"].kill()
+        sys.exit(f"{w['name']} failed {when}:\n{output_of(w)[-2000:]}")
+
     for w in workers:  # everyone loaded and waiting at its first step
         if not os.read(w["idle"], 1):
-            sys.exit(f"{w['name']} failed before its first step:\n{output_of(w)[-2000:]}")
+            failed(w, "before its first step")
     for step in range(steps):
         for w in workers[step % len(workers) :] + workers[: step % len(workers)]:
             os.write(w["go"], b"g")
             last = step == steps - 1
             if (w["proc"].wait() != 0) if last else not os.read(w["idle"], 1):
-                sys.exit(f"{w['name']} failed at step {step}:\n{output_of(w)[-2000:]}")
+                failed(w, f"at step {step}")
 
 
 def ours_cmd(rollout: str, steps: int, out: str) -> list[str]:

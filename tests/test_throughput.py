@@ -144,7 +144,7 @@ def test_mfu_and_the_decode_bound_on_a_known_card():
 # ---- make bench: the engines take turns, step by step -------------------------------------------
 def test_the_benchmark_runs_its_engines_in_lockstep(tmp_path):
     """bench_step.take_turns: one worker's step at a time (none overlaps another), every worker's
-    steps all run, who goes first rotates, and a worker that dies is named."""
+    steps all run, who goes first rotates, and a worker that dies is named and ends the others."""
     import os
     import sys
 
@@ -176,6 +176,7 @@ def test_the_benchmark_runs_its_engines_in_lockstep(tmp_path):
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two at once
     firsts = [name for _, _, name in spans[::3]]
     assert firsts == ["a", "b", "c", "a"]  # step k starts with worker k mod 3
-    broken = [worker("x", steps, fail_at=1)[0]]
+    broken = [worker("x", steps, fail_at=1)[0], worker("y", steps)[0]]
     with pytest.raises(SystemExit, match="x failed at step 1"):
         B.take_turns(broken, steps)
+    assert broken[1]["proc"].wait(timeout=10) != 0  # the others are stopped, not left running
