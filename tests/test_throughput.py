@@ -3,7 +3,9 @@ give the same loss and gradient as the old sequential full-width micro-batches; 
 how much padding a pass processes; the FLOP count of an update, by hand for the tiny model; the
 benchmark's engines take turns step by step."""
 
+import os
 import random
+import sys
 
 import pytest
 import torch
@@ -145,9 +147,6 @@ def test_mfu_and_the_decode_bound_on_a_known_card():
 def test_the_benchmark_runs_its_engines_in_lockstep(tmp_path):
     """bench_step.take_turns: one worker's step at a time (none overlaps another), every worker's
     steps all run, who goes first rotates, and a worker that dies is named and ends the others."""
-    import os
-    import sys
-
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     import bench_step as B
 
@@ -159,8 +158,8 @@ def test_the_benchmark_runs_its_engines_in_lockstep(tmp_path):
             f"for k in range({steps}):\n"
             "    wait_for_turn()\n"
             f"    if k == {fail_at}: sys.exit(3)\n"
-            f"    t = time.time(); time.sleep(0.02); open({str(log)!r}, 'a').write(f'{{k}} {{t}} "
-            "{time.time()}\\n')\n"
+            "    t = time.monotonic(); time.sleep(0.02)\n"  # one clock for all processes
+            f"    open({str(log)!r}, 'a').write(f'{{k}} {{t}} {{time.monotonic()}}\\n')\n"
         )
         return B.start(name, [sys.executable, "-c", code]), log
 
