@@ -15,6 +15,7 @@ the code sandbox, and the adapters for TRL and verl.
 from __future__ import annotations
 
 import ast
+import gc
 import json
 import logging
 import operator
@@ -1079,6 +1080,10 @@ def _verify_in_time(pred: str, gold: str) -> bool:
     if threading.current_thread() is not threading.main_thread():
         return _judge_equal(pred, gold)
     _warm_up()  # before the clocks start: the process's one-time set-up is not this comparison's
+    # no garbage collection while timed: a collection of a trainer's whole heap (vLLM, torch)
+    # costs up to a second of this thread's CPU and is not this comparison's cost either
+    gc_was_on = gc.isenabled()
+    gc.disable()
     armed = [True]
     start, cpu_start = time.monotonic(), time.thread_time()
 
@@ -1106,6 +1111,9 @@ def _verify_in_time(pred: str, gold: str) -> bool:
     except _TimeUp:
         signal.signal(signal.SIGALRM, old_handler)  # in case the alarm struck inside the clean-up
         return False
+    finally:
+        if gc_was_on:
+            gc.enable()
 
 
 def _python_running(function: str, *flags: str) -> list[str]:

@@ -601,6 +601,41 @@ def test_time_limit_holds_when_the_first_alarm_is_swallowed():
     assert float(cpu_seconds) < rewards.MATH_TIMEOUT_S + 0.6, out.stdout + out.stderr
 
 
+def test_a_garbage_collection_is_not_the_comparisons_cost():
+    """Pitfall (a right answer judged wrong in the suite, AVX2 EPYC, 2026-12-07): in a process with
+    a big heap (vLLM, torch), an automatic full collection can start inside the timed comparison
+    and spend most of its CPU budget. Here a comparison of 0.2 s of CPU meets a collection made
+    to cost 0.7 s (a gc callback): with collections left on while timed, the verdict is False."""
+    code = """if True:
+        import gc, sys, time; sys.path.insert(0, '.')
+        import rewards
+        rewards._warm_up()
+        def busy(seconds):
+            t = time.thread_time()
+            while time.thread_time() - t < seconds:
+                pass
+        collections = []
+        def costly_collection(phase, info):  # the trainer's heap, in a few lines
+            if phase == 'start' and not collections:
+                collections.append(busy(0.7))
+        verify = rewards._verify_latex
+        def verify_making_garbage(pred, gold):
+            gc.callbacks.append(costly_collection)
+            for _ in range(5000):  # cyclic garbage, past gc's threshold (700 allocations)
+                cycle = []
+                cycle.append(cycle)
+            busy(0.2)
+            return verify(pred, gold)
+        rewards._verify_latex = verify_making_garbage
+        print(rewards.math_equal('x^2+2x+1', '(x+1)^2'), gc.isenabled())
+    """
+    assert 0.2 < rewards.MATH_TIMEOUT_S < 0.2 + 0.7 < rewards.MATH_WALL_S
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr  # gc back on after
+
+
 def test_parity_step_verifier_blames_the_first_wrong_symbol_and_after():
     ex = parity_example("0110")
     assert [r for _, r in parity_steps(parity_completion("0110"), ex)] == [1.0] * 5
