@@ -20,7 +20,7 @@ test: $(VENV)/.test-stack
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .  # lint, 100 columns (pyproject.toml)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q -m "not slow"
 
-test-all: $(VENV)/.test-stack  # + the slow ones: the variant models' rebuilds, FSDP with vLLM (~25 min)
+test-all: $(VENV)/.test-stack  # + the slow ones: the tiny models' full rebuilds, FSDP with vLLM (~30 min)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
 
 # the chapter's comparisons (3 seeds each), then the README's R1-Zero figure and the two notebooks
