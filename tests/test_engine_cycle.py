@@ -28,9 +28,10 @@ SHORT += ["--eval_size", "8", "--eval_every", "2", "--save_every", "2", "--vllm_
 
 
 def completion(answer):
-    """What vLLM returns for one sampled answer: its tokens, why it ended, each token's log-prob."""
+    """What vLLM returns for one sampled answer: its tokens, why it ended, each token's log-prob
+    (flat_logprobs: a FlatLogprobs, whose .logprobs lists them)."""
     ids, logps = answer["response_ids"], answer["rollout_logprobs"]
-    logprobs = [{t: SimpleNamespace(logprob=lp)} for t, lp in zip(ids, logps)]
+    logprobs = SimpleNamespace(logprobs=list(logps), token_ids=list(ids))
     reason = "length" if answer["truncated"] else "stop"
     return SimpleNamespace(token_ids=ids, finish_reason=reason, logprobs=logprobs)
 
