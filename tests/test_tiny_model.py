@@ -416,7 +416,7 @@ def check_same_files(built, shipped):
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):  # ~20 s (~40 s on a slow AVX2 machine): in every `make test`
+def builds(tmp_path_factory):  # ~30 s on a 2-core AVX2 EPYC: in every `make test`
     """Two short builds, run at once (the builder pins one thread: one core each)."""
     root = tmp_path_factory.mktemp("builds")
     running = {}
@@ -447,7 +447,7 @@ def test_rebuild_writes_the_shipped_files(builds):
     check_same_files(builds["short0"], TINY_MODEL)
 
 
-@pytest.mark.slow  # ~2 min (~6 min on a slow AVX2 machine: a third of the suite's time there)
+@pytest.mark.slow  # ~2 min; 5 m 18 s on a 2-core AVX2 EPYC, a third of the suite's time there
 def test_rebuilt_model_keeps_the_shipped_models_contract(tmp_path):
     """The default build, as a user runs it: the shipped files, and the shipped model's behaviour
     (its weights differ on another kind of processor, assets/README.md)."""
