@@ -31,7 +31,7 @@ def completion(answer):
     """What vLLM returns for one sampled answer: its tokens, why it ended, each token's log-prob
     (flat_logprobs: a FlatLogprobs, whose .logprobs lists them)."""
     ids, logps = answer["response_ids"], answer["rollout_logprobs"]
-    logprobs = SimpleNamespace(logprobs=list(logps), token_ids=list(ids))
+    logprobs = SimpleNamespace(logprobs=list(logps))
     reason = "length" if answer["truncated"] else "stop"
     return SimpleNamespace(token_ids=ids, finish_reason=reason, logprobs=logprobs)
 

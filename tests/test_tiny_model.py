@@ -447,15 +447,6 @@ def test_rebuild_writes_the_shipped_files(builds):
     check_same_files(builds["short0"], TINY_MODEL)
 
 
-@pytest.mark.slow  # ~2 min; 5 m 18 s on a 2-core AVX2 EPYC, a third of the suite's time there
-def test_rebuilt_model_keeps_the_shipped_models_contract(tmp_path):
-    """The default build, as a user runs it: the shipped files, and the shipped model's behaviour
-    (its weights differ on another kind of processor, assets/README.md)."""
-    finish(start_build(tmp_path / "full"))
-    check_same_files(tmp_path / "full", TINY_MODEL)
-    check_contract("cold-start", *load(str(tmp_path / "full")))
-
-
 # ---------------------------------------------------------------------------------------------
 # the chapter's other two starting points, built by the same script (tested where built):
 #   assets/tiny-addition-fusion  (--variant think-fusion): Qwen 3's thinking-mode fusion
@@ -570,10 +561,11 @@ def test_parity_model_answers_directly_and_sometimes_thinks():
     check_contract("parity", tok, model)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the default build: 5 m 18 s on a 2-core AVX2 EPYC, a third of the suite there
 @pytest.mark.parametrize(
     "variant,folder",
     [
+        ("cold-start", TINY_MODEL),  # the shipped default model, as a user rebuilds it
         ("think-fusion", FUSION_MODEL),
         ("base", BASE_MODEL),
         ("base-web", BASE_WEB_MODEL),
@@ -581,7 +573,8 @@ def test_parity_model_answers_directly_and_sometimes_thinks():
     ],
 )
 def test_rebuilt_variant_keeps_its_contract(tmp_path, variant, folder):
-    """As for the default model: the shipped files but the weights, and the variant's contract."""
+    """The shipped files but the weights, and the variant's contract (its weights differ on
+    another kind of processor, assets/README.md)."""
     if not os.path.isdir(folder):
         pytest.skip(f"{folder} not built")
     finish(start_build(tmp_path, "--variant", variant))
